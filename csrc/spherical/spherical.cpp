@@ -1,0 +1,158 @@
+// Schemas of the spherical-loss ops and their device-independent halves. The CPU and CUDA files
+// supply only row kernels; everything a user can get wrong is checked here, once, for both.
+#include "spherical.h"
+
+#include "../common/checks.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace fusedtrain {
+namespace spherical {
+namespace {
+
+int parse_kind(const std::string& kind) {
+  if (kind == "z") return kZ;
+  if (kind == "spherical") return kSpherical;
+  if (kind == "taylor") return kTaylor;
+  if (kind == "mse") return kMse;
+  TORCH_CHECK_VALUE(false, "kind must be one of 'z', 'spherical', 'taylor', 'mse', got '", kind, "'");
+}
+
+int parse_reduction(const std::string& reduction) {
+  if (reduction == "mean") return kMean;
+  if (reduction == "sum") return kSum;
+  if (reduction == "none") return kNone;
+  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+}
+
+Params make_params(const std::string& kind, double a, double b, double eps, double var_eps) {
+  Params p{parse_kind(kind), a, b, eps, var_eps};
+  check_finite(a, "a");
+  check_finite(b, "b");
+  check_finite(eps, "eps");
+  check_finite(var_eps, "var_eps");
+  if (p.kind == kZ) {
+    TORCH_CHECK_VALUE(a > 0, "a must be > 0 for the Z-loss, got ", a);
+    TORCH_CHECK_VALUE(var_eps >= 0, "var_eps must be >= 0, got ", var_eps);
+  }
+  if (p.kind == kSpherical) TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  return p;
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  check_defined(logits, "logits");
+  check_defined(target, "target");
+  check_floating(logits, "logits");
+  check_dtype(target, at::kLong, "target");
+  check_dim(logits, 2, "logits");
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class (D >= 1), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), "target must have shape (",
+                    logits.size(0), ",) for logits of shape ", logits.sizes(), ", got ", target.sizes());
+  check_same_device(target, logits, "target", "logits");
+}
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows must be unit-stride for the vectorized kernels; a row stride of any size is fine.
+at::Tensor rows_unit_stride(const at::Tensor& logits) {
+  return (logits.stride(1) == 1 || logits.size(1) == 1) && logits.stride(0) >= logits.size(1)
+             ? logits
+             : logits.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const std::string& kind, double a,
+    double b, double eps, double var_eps, int64_t ignore_index, const std::string& reduction,
+    bool compute_grad, bool check_target, RowKernel kernel) {
+  check_inputs(logits_in, target_in);
+  const Params params = make_params(kind, a, b, eps, var_eps);
+  const int red = parse_reduction(reduction);
+  const int64_t N = logits_in.size(0);
+  const auto acc = accumulate_type(logits_in.scalar_type());
+  const auto acc_opts = logits_in.options().dtype(acc);
+
+  RowLaunch launch;
+  launch.logits = rows_unit_stride(logits_in);
+  launch.target = target_in.contiguous();
+  launch.ignore_index = ignore_index;
+  launch.params = params;
+  launch.row_loss = at::empty({N}, acc_opts);
+  launch.coef = at::empty({N, kCoefCount}, acc_opts);
+  launch.grad = compute_grad ? at::empty(logits_in.sizes(), logits_in.options()) : at::Tensor();
+  launch.bad_target = at::zeros({1}, logits_in.options().dtype(at::kInt));
+  at::Tensor count;
+  if (red == kMean) {
+    // Kept rows, counted on the device (no sync): the kernel scales coef and grad by 1/count.
+    count = target_in.ne(ignore_index).sum().to(acc);
+    launch.weight = count.reciprocal();
+  }
+  if (N > 0) kernel(launch);
+  if (check_target && N > 0) {
+    // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
+    TORCH_CHECK_INDEX(launch.bad_target.item<int>() == 0, "target holds class indices outside [0, ",
+                      logits_in.size(1), ") that are not ignore_index (", ignore_index, ")");
+  }
+  at::Tensor loss;
+  if (red == kNone) {
+    loss = launch.row_loss.to(logits_in.scalar_type());
+  } else {
+    loss = launch.row_loss.sum();
+    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
+    loss = loss.to(logits_in.scalar_type());
+  }
+  at::Tensor grad = compute_grad ? launch.grad : at::empty({0}, logits_in.options());
+  return {loss, grad, launch.coef};
+}
+
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& target,
+                    const at::Tensor& coef, int64_t ignore_index, RowKernel kernel) {
+  check_inputs(logits_in, target);
+  const int64_t N = logits_in.size(0);
+  const auto acc = accumulate_type(logits_in.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == kCoefCount &&
+                        coef.scalar_type() == acc,
+                    "coef must be the (N, 4) coefficients saved by spherical_loss, got ", coef.sizes(),
+                    " ", coef.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == N),
+                    "grad_loss must be a scalar or have shape (", N, ",), got ", grad_loss.sizes());
+  check_same_device(grad_loss, logits_in, "grad_loss", "logits");
+  check_same_device(coef, logits_in, "coef", "logits");
+  RowLaunch launch;
+  launch.logits = rows_unit_stride(logits_in);
+  launch.target = target.contiguous();
+  launch.ignore_index = ignore_index;
+  launch.coef = coef.contiguous();
+  launch.upstream = grad_loss.to(acc).contiguous();
+  launch.grad = at::empty(logits_in.sizes(), logits_in.options());
+  if (N > 0) kernel(launch);
+  return launch.grad;
+}
+
+void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss, ScaleKernel kernel) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+                    grad_loss.sizes());
+  check_same_device(grad_loss, grad, "grad_loss", "grad");
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
+  if (grad.numel() > 0) kernel(grad, grad_loss.to(accumulate_type(grad.scalar_type())).reshape({}));
+}
+
+}  // namespace spherical
+}  // namespace fusedtrain
+
+TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
+  m.def(
+      "spherical_loss(Tensor logits, Tensor target, str kind, float a, float b, float eps, "
+      "float var_eps, int ignore_index, str reduction, bool compute_grad, bool check_target) "
+      "-> (Tensor loss, Tensor grad_logits, Tensor coef)");
+  m.def(
+      "_spherical_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor coef, "
+      "int ignore_index) -> Tensor");
+  m.def("_scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
+}

@@ -1,0 +1,10 @@
+"""fusedtrain: fused training ops for PyTorch (C++/CUDA kernels with pure-PyTorch fallbacks)."""
+from __future__ import annotations
+
+from . import _backend
+from ._version import __version__
+from . import reference
+from .spherical import spherical_loss
+from . import nn
+
+__all__ = ["__version__", "spherical_loss", "nn", "reference"]
