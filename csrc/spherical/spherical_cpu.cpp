@@ -1,15 +1,15 @@
 // CPU kernels of the spherical losses: rows in parallel, two passes per row while it is in cache
 // (statistics, then the gradient), so the logits are read from memory once and the gradient written
-// once. Loops keep kLanes independent accumulators so the compiler vectorizes them without
-// reassociating a single running sum.
+// once. The row loops use explicit SIMD vectors with several accumulators in flight; an AVX2 build
+// of them is chosen at run time where the CPU has it.
 #include "spherical.h"
+#include "../common/cpu_utils.h"
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -17,122 +17,176 @@ namespace fusedtrain {
 namespace spherical {
 namespace {
 
-constexpr int kLanes = 16;
+using cpu::vec_t;
+using cpu::vec_width;
 
+// s = Σ(o − K), q = Σ(o − K)² over one row, four independent vector accumulators in flight.
 template <typename scalar_t, typename acc>
-inline void shifted_sums(const scalar_t* row, int64_t D, acc shift, acc& s_out, acc& q_out) {
-  acc s[kLanes] = {}, q[kLanes] = {};
+FT_ALWAYS_INLINE void shifted_sums(const scalar_t* row, int64_t D, acc shift, acc& s_out, acc& q_out) {
+  using V = vec_t<acc>;
+  constexpr int W = vec_width<acc>;
+  V s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  const V vshift = V{} + shift;
   int64_t k = 0;
-  for (; k + kLanes <= D; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc x = static_cast<acc>(row[k + j]) - shift;
-      s[j] += x;
-      q[j] += x * x;
-    }
+  for (; k + 2 * W <= D; k += 2 * W) {
+    const V x0 = cpu::load_vec<acc>(row + k) - vshift;
+    const V x1 = cpu::load_vec<acc>(row + k + W) - vshift;
+    s0 += x0;
+    s1 += x1;
+    q0 += x0 * x0;
+    q1 += x1 * x1;
   }
-  for (int j = 0; k < D; ++k, ++j) {
+  acc s = cpu::horizontal_sum<acc>(s0 + s1), q = cpu::horizontal_sum<acc>(q0 + q1);
+  for (; k < D; ++k) {
     const acc x = static_cast<acc>(row[k]) - shift;
-    s[j] += x;
-    q[j] += x * x;
+    s += x;
+    q += x * x;
   }
-  acc st = 0, qt = 0;
-  for (int j = 0; j < kLanes; ++j) { st += s[j]; qt += q[j]; }
-  s_out = st;
-  q_out = qt;
+  s_out = s;
+  q_out = q;
 }
 
-// out_k = alpha + beta·(o_k − shift), then the target column gets gamma on top.
+// out_k = α + β·(o_k − K), then the target column gets γ on top. β·(o − K) rather than
+// (α − βK) + β·o: with a large common offset the latter cancels catastrophically.
 template <typename scalar_t, typename acc>
-inline void write_row_gradient(const scalar_t* row, scalar_t* out, int64_t D, int64_t c, acc alpha,
-                               acc beta, acc gamma, acc shift) {
-  // β·(o − K), not (α − βK) + β·o: with a large common offset the latter cancels catastrophically.
-  for (int64_t k = 0; k < D; ++k)
-    out[k] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[k]) - shift));
+FT_ALWAYS_INLINE void write_row_gradient(const scalar_t* row, scalar_t* out, int64_t D, int64_t c,
+                                         acc alpha, acc beta, acc gamma, acc shift) {
+  using V = vec_t<acc>;
+  constexpr int W = vec_width<acc>;
+  const V va = V{} + alpha, vb = V{} + beta, vshift = V{} + shift;
+  int64_t k = 0;
+  for (; k + W <= D; k += W) cpu::store_vec<acc>(out + k, va + vb * (cpu::load_vec<acc>(row + k) - vshift));
+  for (; k < D; ++k) out[k] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[k]) - shift));
   out[c] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[c]) - shift) + gamma);
 }
 
 template <typename scalar_t>
-void forward_rows(const RowLaunch& L) {
+FT_ALWAYS_INLINE void fill_row(scalar_t* out, int64_t D, acc_t<scalar_t> value) {
+  const scalar_t v = static_cast<scalar_t>(value);
+  for (int64_t k = 0; k < D; ++k) out[k] = v;
+}
+
+// Everything a range of rows needs, so the per-ISA entry points below share one body.
+template <typename scalar_t>
+struct Rows {
   using acc = acc_t<scalar_t>;
-  const int64_t N = L.logits.size(0), D = L.logits.size(1), stride = L.logits.stride(0);
-  const scalar_t* logits = L.logits.data_ptr<scalar_t>();
-  const int64_t* target = L.target.data_ptr<int64_t>();
-  acc* row_loss = L.row_loss.data_ptr<acc>();
-  acc* coef = L.coef.data_ptr<acc>();
-  scalar_t* grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
-  const acc weight = L.weight.defined() ? L.weight.item<acc>() : acc(1);
-  const Params p = L.params;
-  const acc Dacc = static_cast<acc>(D);
-  std::atomic<int> bad{0};
-  const int64_t grain = std::max<int64_t>(1, 16384 / D);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* row = logits + n * stride;
-      const int64_t c = target[n];
-      acc* cf = coef + n * kCoefCount;
-      scalar_t* grow = grad ? grad + n * D : nullptr;
-      if (c == L.ignore_index || !target_is_valid(c, D, L.ignore_index)) {
-        // Ignored rows contribute nothing; out-of-range rows are NaN and flagged.
-        const bool ignored = c == L.ignore_index;
-        const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
-        if (!ignored) bad.store(1, std::memory_order_relaxed);
-        row_loss[n] = fill;
-        for (int j = 0; j < kCoefCount; ++j) cf[j] = fill;
-        if (grow) std::fill(grow, grow + D, static_cast<scalar_t>(fill));
-        continue;
-      }
-      const acc oc = static_cast<acc>(row[c]);
-      const acc shift = shifts_by_target(p.kind) ? oc : acc(0);
-      acc s, q;
-      shifted_sums(row, D, shift, s, q);
-      const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc - shift, Dacc, p);
-      row_loss[n] = r.loss;
-      cf[kCoefAlpha] = weight * r.alpha;
-      cf[kCoefBeta] = weight * r.beta;
-      cf[kCoefGamma] = weight * r.gamma;
-      cf[kCoefShift] = shift;
-      if (grow) write_row_gradient(row, grow, D, c, cf[kCoefAlpha], cf[kCoefBeta], cf[kCoefGamma], shift);
+  const scalar_t* logits;
+  int64_t stride, D;
+  const int64_t* target;
+  int64_t ignore_index;
+  Params params;
+  acc weight;          // forward: reduction weight
+  acc* row_loss;       // forward
+  acc* coef;           // written in forward, read in backward
+  scalar_t* grad;      // may be null in forward
+  const acc* upstream; // backward only
+  int64_t up_stride;
+  int* bad;            // forward: set when a target is out of range
+};
+
+template <typename scalar_t>
+FT_ALWAYS_INLINE void forward_range(const Rows<scalar_t>& R, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  const acc Dacc = static_cast<acc>(R.D);
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = R.logits + n * R.stride;
+    const int64_t c = R.target[n];
+    acc* cf = R.coef + n * kCoefCount;
+    scalar_t* grow = R.grad ? R.grad + n * R.D : nullptr;
+    if (c == R.ignore_index || !target_is_valid(c, R.D, R.ignore_index)) {
+      // Ignored rows contribute nothing; out-of-range rows are NaN and flagged.
+      const bool ignored = c == R.ignore_index;
+      const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
+      if (!ignored) __atomic_store_n(R.bad, 1, __ATOMIC_RELAXED);
+      R.row_loss[n] = fill;
+      for (int j = 0; j < kCoefCount; ++j) cf[j] = fill;
+      if (grow) fill_row(grow, R.D, fill);
+      continue;
     }
-  });
-  if (bad.load()) L.bad_target.fill_(1);
+    const acc oc = static_cast<acc>(row[c]);
+    const acc shift = shifts_by_target(R.params.kind) ? oc : acc(0);
+    acc s, q;
+    shifted_sums(row, R.D, shift, s, q);
+    const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc - shift, Dacc, R.params);
+    R.row_loss[n] = r.loss;
+    cf[kCoefAlpha] = R.weight * r.alpha;
+    cf[kCoefBeta] = R.weight * r.beta;
+    cf[kCoefGamma] = R.weight * r.gamma;
+    cf[kCoefShift] = shift;
+    if (grow) write_row_gradient(row, grow, R.D, c, cf[kCoefAlpha], cf[kCoefBeta], cf[kCoefGamma], shift);
+  }
 }
 
 template <typename scalar_t>
-void backward_rows(const RowLaunch& L) {
+FT_ALWAYS_INLINE void backward_range(const Rows<scalar_t>& R, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
-  const int64_t N = L.logits.size(0), D = L.logits.size(1), stride = L.logits.stride(0);
-  const scalar_t* logits = L.logits.data_ptr<scalar_t>();
-  const int64_t* target = L.target.data_ptr<int64_t>();
-  const acc* coef = L.coef.data_ptr<acc>();
-  const acc* up = L.upstream.data_ptr<acc>();
-  const int64_t up_stride = L.upstream.numel() == 1 ? 0 : 1;
-  scalar_t* grad = L.grad.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / D);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t c = target[n];
-      scalar_t* grow = grad + n * D;
-      if (c == L.ignore_index) {
-        std::fill(grow, grow + D, static_cast<scalar_t>(0));
-        continue;
-      }
-      const acc* cf = coef + n * kCoefCount;
-      const acc g = up[n * up_stride];
-      if (!target_is_valid(c, D, L.ignore_index)) {  // forward flagged it; keep it NaN
-        std::fill(grow, grow + D, static_cast<scalar_t>(std::numeric_limits<acc>::quiet_NaN()));
-        continue;
-      }
-      write_row_gradient(logits + n * stride, grow, D, c, g * cf[kCoefAlpha], g * cf[kCoefBeta],
-                         g * cf[kCoefGamma], cf[kCoefShift]);
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t c = R.target[n];
+    scalar_t* grow = R.grad + n * R.D;
+    if (c == R.ignore_index) {
+      fill_row(grow, R.D, acc(0));
+    } else if (!target_is_valid(c, R.D, R.ignore_index)) {  // the forward flagged it; stays NaN
+      fill_row(grow, R.D, std::numeric_limits<acc>::quiet_NaN());
+    } else {
+      const acc* cf = R.coef + n * kCoefCount;
+      const acc g = R.upstream[n * R.up_stride];
+      write_row_gradient(R.logits + n * R.stride, grow, R.D, c, g * cf[kCoefAlpha],
+                         g * cf[kCoefBeta], g * cf[kCoefGamma], cf[kCoefShift]);
     }
+  }
+}
+
+template <typename scalar_t>
+void rows_base(const Rows<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
+  if (fwd) forward_range(R, begin, end);
+  else backward_range(R, begin, end);
+}
+
+#if FT_HAVE_AVX2_PATH
+template <typename scalar_t>
+FT_TARGET_AVX2 void rows_avx2(const Rows<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
+  if (fwd) forward_range(R, begin, end);
+  else backward_range(R, begin, end);
+}
+#endif
+
+template <typename scalar_t>
+void run_rows(const RowLaunch& L) {
+  using acc = acc_t<scalar_t>;
+  const bool fwd = !L.upstream.defined();
+  Rows<scalar_t> R{};
+  R.logits = L.logits.data_ptr<scalar_t>();
+  R.stride = L.logits.stride(0);
+  R.D = L.logits.size(1);
+  R.target = L.target.data_ptr<int64_t>();
+  R.ignore_index = L.ignore_index;
+  R.params = L.params;
+  R.coef = L.coef.data_ptr<acc>();
+  R.grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
+  int bad = 0;
+  if (fwd) {
+    R.weight = L.weight.defined() ? L.weight.item<acc>() : acc(1);
+    R.row_loss = L.row_loss.data_ptr<acc>();
+    R.bad = &bad;
+  } else {
+    R.upstream = L.upstream.data_ptr<acc>();
+    R.up_stride = L.upstream.numel() == 1 ? 0 : 1;
+  }
+  if (R.grad) cpu::advise_huge_pages(R.grad, L.grad.numel() * sizeof(scalar_t));
+  const int64_t grain = std::max<int64_t>(1, 16384 / R.D);
+  const bool avx2 = cpu::cpu_has_avx2();
+  at::parallel_for(0, L.logits.size(0), grain, [&](int64_t begin, int64_t end) {
+#if FT_HAVE_AVX2_PATH
+    if (avx2) return rows_avx2(R, fwd, begin, end);
+#endif
+    rows_base(R, fwd, begin, end);
   });
+  if (bad) L.bad_target.fill_(1);
 }
 
 void row_kernel_cpu(const RowLaunch& L) {
-  FUSEDTRAIN_DISPATCH_FLOATING(L.logits.scalar_type(), "spherical_loss_cpu", [&] {
-    if (L.upstream.defined()) backward_rows<scalar_t>(L);
-    else forward_rows<scalar_t>(L);
-  });
+  FUSEDTRAIN_DISPATCH_FLOATING(L.logits.scalar_type(), "spherical_loss_cpu",
+                               [&] { run_rows<scalar_t>(L); });
 }
 
 void scale_kernel_cpu(at::Tensor& grad, const at::Tensor& factor) {

@@ -1,0 +1,326 @@
+// CUDA kernels of the spherical losses.
+//
+// One kernel serves forward and backward. A row belongs to one warp (short rows, 8 rows a block) or
+// one block (long rows). Forward: every thread reads its share of the row with 16-byte loads,
+// several in flight, accumulating s = Σ(o − K) and q = Σ(o − K)² in fp32 (fp64 for fp64); one
+// reduction gives the loss and the coefficients (α, β, γ) of ∂L/∂o = α + β·(o − K) + γ·e_c. When the
+// gradient is wanted (reduction mean/sum) the same block then writes it, reading the row again from
+// the copy it kept in shared memory (as much as fits) or from L2, so DRAM sees the logits read once
+// and the gradient written once. Backward (reduction none, or a second backward) writes the
+// gradient from the saved coefficients times the upstream gradient.
+#include "spherical.h"
+
+#include "../common/checks.h"
+#include "../common/cuda_utils.cuh"
+#include "../common/dispatch.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstdio>
+#include <limits>
+
+namespace fusedtrain {
+namespace spherical {
+namespace {
+
+template <typename scalar_t>
+struct RowArgs {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* logits;
+  int64_t stride, N, D;
+  const int64_t* target;
+  int64_t ignore_index;
+  Params params;
+  const acc* weight;    // forward: reduction weight on the device, or null for 1
+  acc* row_loss;        // forward
+  acc* coef;            // written in forward, read in backward
+  scalar_t* grad;       // null in a forward that writes no gradient
+  const acc* upstream;  // backward: the upstream gradient (null in forward)
+  int64_t up_stride;    // 0 for a scalar upstream gradient, 1 for per-row
+  int* bad;             // forward: set to 1 when a target is out of range
+  int cache_iters;      // 16-byte vectors per thread kept in shared memory between the passes
+};
+
+constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
+
+template <typename scalar_t, int kGroup, int kRowsPerBlock>
+__global__ void __launch_bounds__(kGroup * kRowsPerBlock)
+    spherical_rows_kernel(const RowArgs<scalar_t> a) {
+  using acc = acc_t<scalar_t>;
+  using V = cuda::Vec16<scalar_t>;
+  constexpr int kVec = V::kSize;
+  constexpr int kWarps = kGroup / 32;
+  __shared__ acc scratch[2 * kWarps];
+  extern __shared__ __align__(16) unsigned char cache_raw[];
+  V* cache = reinterpret_cast<V*>(cache_raw);
+
+  const int lane = kRowsPerBlock == 1 ? threadIdx.x : (threadIdx.x & 31);
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
+                    (kRowsPerBlock == 1 ? 0 : (threadIdx.x >> 5));
+  if (n >= a.N) return;  // whole groups leave together: a row's threads all share n
+  const int64_t D = a.D;
+  const bool backward = a.upstream != nullptr;
+  const scalar_t* row = a.logits + n * a.stride;
+  scalar_t* grow = a.grad ? a.grad + n * D : nullptr;
+  const int64_t c = a.target[n];
+
+  if (c == a.ignore_index || !target_is_valid(c, D, a.ignore_index)) {
+    // Ignored rows contribute nothing; out-of-range rows are NaN and flagged.
+    const bool ignored = c == a.ignore_index;
+    const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
+    if (lane == 0 && !backward) {
+      a.row_loss[n] = fill;
+      for (int j = 0; j < kCoefCount; ++j) a.coef[n * kCoefCount + j] = fill;
+      if (!ignored) *a.bad = 1;
+    }
+    if (grow) {
+      const scalar_t v = static_cast<scalar_t>(fill);
+      for (int64_t k = lane; k < D; k += kGroup) grow[k] = v;
+    }
+    return;
+  }
+
+  const int head = static_cast<int>(D < kVec ? D : cuda::elements_to_alignment(row));
+  const int64_t nvec = (D - head) / kVec;
+  const int64_t tail = head + nvec * kVec;
+  const V* vrow = reinterpret_cast<const V*>(row + head);
+  acc alpha, beta, gamma, shift;
+
+  if (!backward) {
+    const acc oc = static_cast<acc>(row[c]);
+    shift = shifts_by_target(a.params.kind) ? oc : acc(0);
+    acc s = 0, q = 0;
+    auto add = [&](acc o) {
+      const acc y = o - shift;
+      s += y;
+      q += y * y;
+    };
+    for (int64_t k = lane; k < head; k += kGroup) add(static_cast<acc>(row[k]));
+    for (int64_t k = tail + lane; k < D; k += kGroup) add(static_cast<acc>(row[k]));
+    const int cache_iters = grow ? a.cache_iters : 0;
+    int it = 0;
+    int64_t j = lane;
+    for (; j + (kUnroll - 1) * kGroup < nvec; j += kUnroll * kGroup, it += kUnroll) {
+      V x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) x[u] = vrow[j + u * kGroup];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (it + u < cache_iters) cache[(it + u) * kGroup + lane] = x[u];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) add(static_cast<acc>(x[u].v[e]));
+      }
+    }
+    for (; j < nvec; j += kGroup, ++it) {
+      const V x = vrow[j];
+      if (it < cache_iters) cache[it * kGroup + lane] = x;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) add(static_cast<acc>(x.v[e]));
+    }
+    if (kRowsPerBlock == 1) {
+      cuda::block_allreduce_sum2<kGroup>(s, q, scratch);
+    } else {
+      s = cuda::warp_sum(s);
+      q = cuda::warp_sum(q);
+    }
+    const RowCoefficients<acc> r =
+        row_coefficients<acc>(s, q, oc - shift, static_cast<acc>(D), a.params);
+    const acc w = a.weight ? *a.weight : acc(1);
+    alpha = w * r.alpha;
+    beta = w * r.beta;
+    gamma = w * r.gamma;
+    if (lane == 0) {
+      a.row_loss[n] = r.loss;
+      acc* cf = a.coef + n * kCoefCount;
+      cf[kCoefAlpha] = alpha;
+      cf[kCoefBeta] = beta;
+      cf[kCoefGamma] = gamma;
+      cf[kCoefShift] = shift;
+    }
+    if (!grow) return;
+  } else {
+    const acc* cf = a.coef + n * kCoefCount;
+    const acc g = a.upstream[n * a.up_stride];
+    alpha = g * cf[kCoefAlpha];
+    beta = g * cf[kCoefBeta];
+    gamma = g * cf[kCoefGamma];
+    shift = cf[kCoefShift];
+  }
+
+  // Pass 2: grad_k = α + β·(o_k − K) + γ·[k = c]. β·(o − K), not (α − βK) + β·o, which cancels
+  // catastrophically under a large common offset.
+  auto value = [&](acc o, int64_t k) {
+    return alpha + beta * (o - shift) + (k == c ? gamma : acc(0));
+  };
+  if (cuda::elements_to_alignment(grow) != head) {  // rows of logits and grad aligned differently
+    for (int64_t k = lane; k < D; k += kGroup)
+      grow[k] = static_cast<scalar_t>(value(static_cast<acc>(row[k]), k));
+    return;
+  }
+  for (int64_t k = lane; k < head; k += kGroup)
+    grow[k] = static_cast<scalar_t>(value(static_cast<acc>(row[k]), k));
+  for (int64_t k = tail + lane; k < D; k += kGroup)
+    grow[k] = static_cast<scalar_t>(value(static_cast<acc>(row[k]), k));
+  V* vgrad = reinterpret_cast<V*>(grow + head);
+  const int cache_iters = backward ? 0 : a.cache_iters;
+  int it = 0;
+  for (int64_t j = lane; j < nvec; j += kGroup, ++it) {
+    const V x = it < cache_iters ? cache[it * kGroup + lane] : vrow[j];
+    const int64_t k0 = head + j * kVec;
+    V out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) out.v[e] = static_cast<scalar_t>(value(static_cast<acc>(x.v[e]), k0 + e));
+    vgrad[j] = out;
+  }
+}
+
+// Launch shape. Rows of at most 4 KiB go one to a warp; longer rows one to a block, which keeps as
+// much of its row in shared memory as `cache_budget` allows when it also writes the gradient.
+// FUSEDTRAIN_SPHERICAL_TUNE="threads,cache_kib" overrides both (for tuning runs).
+struct Shape {
+  int threads;        // threads per row group: 32 (warp per row) or a block size
+  int64_t cache_bytes;
+};
+
+Shape choose_shape(int64_t D, int elem_bytes, bool fused_grad, int device) {
+  const int64_t row_bytes = D * elem_bytes;
+  Shape shape{32, 0};
+  if (row_bytes <= 4096) return shape;
+  shape.threads = row_bytes <= 32768 ? 256 : row_bytes <= 131072 ? 512 : 1024;
+  int64_t budget = std::max(0, cuda::max_shared_memory_per_block(device) - 2048);
+  if (const char* tune = std::getenv("FUSEDTRAIN_SPHERICAL_TUNE")) {
+    int threads = 0, kib = 0;
+    if (std::sscanf(tune, "%d,%d", &threads, &kib) == 2 &&
+        (threads == 256 || threads == 512 || threads == 1024)) {
+      shape.threads = threads;
+      budget = std::min<int64_t>(budget, int64_t(kib) * 1024);
+    }
+  }
+  if (!fused_grad) return shape;
+  const int64_t vec_per_thread = (row_bytes / 16 + shape.threads - 1) / shape.threads;
+  const int64_t iters = std::min<int64_t>(vec_per_thread, budget / (16 * shape.threads));
+  shape.cache_bytes = iters * 16 * shape.threads;
+  return shape;
+}
+
+template <typename scalar_t, int kGroup, int kRowsPerBlock>
+void launch_kernel(RowArgs<scalar_t> a, int64_t cache_bytes, cudaStream_t stream) {
+  auto kernel = spherical_rows_kernel<scalar_t, kGroup, kRowsPerBlock>;
+  if (cache_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(cache_bytes)));
+  }
+  a.cache_iters = static_cast<int>(cache_bytes / (16 * kGroup));
+  const int64_t blocks = (a.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "logits has too many rows (", a.N, ")");
+  kernel<<<static_cast<unsigned>(blocks), kGroup * kRowsPerBlock, cache_bytes, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void run_rows(const RowLaunch& L) {
+  using acc = acc_t<scalar_t>;
+  RowArgs<scalar_t> a{};
+  a.logits = L.logits.data_ptr<scalar_t>();
+  a.stride = L.logits.stride(0);
+  a.N = L.logits.size(0);
+  a.D = L.logits.size(1);
+  a.target = L.target.data_ptr<int64_t>();
+  a.ignore_index = L.ignore_index;
+  a.params = L.params;
+  a.coef = L.coef.data_ptr<acc>();
+  a.grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
+  const bool backward = L.upstream.defined();
+  if (backward) {
+    a.upstream = L.upstream.data_ptr<acc>();
+    a.up_stride = L.upstream.numel() == 1 ? 0 : 1;
+  } else {
+    a.weight = L.weight.defined() ? L.weight.data_ptr<acc>() : nullptr;
+    a.row_loss = L.row_loss.data_ptr<acc>();
+    a.bad = L.bad_target.data_ptr<int>();
+  }
+  const int device = L.logits.get_device();
+  const Shape shape = choose_shape(a.D, sizeof(scalar_t), !backward && a.grad, device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  switch (shape.threads) {
+    case 32: return launch_kernel<scalar_t, 32, 8>(a, 0, stream);
+    case 256: return launch_kernel<scalar_t, 256, 1>(a, shape.cache_bytes, stream);
+    case 512: return launch_kernel<scalar_t, 512, 1>(a, shape.cache_bytes, stream);
+    default: return launch_kernel<scalar_t, 1024, 1>(a, shape.cache_bytes, stream);
+  }
+}
+
+void row_kernel_cuda(const RowLaunch& L) {
+  FUSEDTRAIN_DISPATCH_FLOATING(L.logits.scalar_type(), "spherical_loss_cuda",
+                               [&] { run_rows<scalar_t>(L); });
+}
+
+// grad *= factor, skipped on the device (no host sync) when factor == 1, the common loss.backward().
+template <typename scalar_t>
+__global__ void scale_kernel(scalar_t* __restrict__ grad, int64_t numel,
+                             const acc_t<scalar_t>* __restrict__ factor) {
+  using acc = acc_t<scalar_t>;
+  using V = cuda::Vec16<scalar_t>;
+  const acc f = *factor;
+  if (f == acc(1)) return;
+  const int64_t head = numel < V::kSize ? numel : cuda::elements_to_alignment(grad);
+  const int64_t nvec = (numel - head) / V::kSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  V* vgrad = reinterpret_cast<V*>(grad + head);
+  for (int64_t j = tid; j < nvec; j += stride) {
+    V x = vgrad[j];
+#pragma unroll
+    for (int e = 0; e < V::kSize; ++e) x.v[e] = static_cast<scalar_t>(f * static_cast<acc>(x.v[e]));
+    vgrad[j] = x;
+  }
+  for (int64_t k = tid; k < head; k += stride) grad[k] = static_cast<scalar_t>(f * static_cast<acc>(grad[k]));
+  for (int64_t k = head + nvec * V::kSize + tid; k < numel; k += stride)
+    grad[k] = static_cast<scalar_t>(f * static_cast<acc>(grad[k]));
+}
+
+void scale_kernel_cuda(at::Tensor& grad, const at::Tensor& factor) {
+  const int device = grad.get_device();
+  const int64_t vectors = grad.numel() * grad.element_size() / 16 + 1;
+  const int64_t blocks = std::min<int64_t>((vectors + 255) / 256, 8 * cuda::multiprocessor_count(device));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  FUSEDTRAIN_DISPATCH_FLOATING(grad.scalar_type(), "spherical_scale_grad_cuda", [&] {
+    scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), grad.numel(), factor.data_ptr<acc_t<scalar_t>>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spherical_loss_cuda(
+    const at::Tensor& logits, const at::Tensor& target, c10::string_view kind, double a, double b,
+    double eps, double var_eps, int64_t ignore_index, c10::string_view reduction, bool compute_grad,
+    bool check_target) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return forward(logits, target, std::string(kind), a, b, eps, var_eps, ignore_index,
+                 std::string(reduction), compute_grad, check_target, row_kernel_cuda);
+}
+
+at::Tensor spherical_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                        const at::Tensor& target, const at::Tensor& coef,
+                                        int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return backward(grad_loss, logits, target, coef, ignore_index, row_kernel_cuda);
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_loss) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  scale_grad(grad, grad_loss, scale_kernel_cuda);
+}
+
+}  // namespace
+}  // namespace spherical
+}  // namespace fusedtrain
+
+TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
+  m.impl("spherical_loss", &fusedtrain::spherical::spherical_loss_cuda);
+  m.impl("_spherical_loss_backward", &fusedtrain::spherical::spherical_loss_backward_cuda);
+  m.impl("_scale_grad_", &fusedtrain::spherical::scale_grad_cuda);
+}
