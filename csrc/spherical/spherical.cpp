@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (N > 0) kernel(launch);
   if (check_target && N > 0) {
     // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
-    TORCH_CHECK_INDEX(launch.bad_target.item<int>() == 0, "target holds class indices outside [0, ",
+    TORCH_CHECK_VALUE(launch.bad_target.item<int>() == 0, "target holds class indices outside [0, ",
                       logits_in.size(1), ") that are not ignore_index (", ignore_index, ")");
   }
   at::Tensor loss;

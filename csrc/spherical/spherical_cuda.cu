@@ -165,15 +165,21 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
   for (int64_t k = tail + lane; k < D; k += kGroup)
     grow[k] = static_cast<scalar_t>(value(static_cast<acc>(row[k]), k));
   V* vgrad = reinterpret_cast<V*>(grow + head);
-  const int cache_iters = backward ? 0 : a.cache_iters;
-  int it = 0;
-  for (int64_t j = lane; j < nvec; j += kGroup, ++it) {
-    const V x = it < cache_iters ? cache[it * kGroup + lane] : vrow[j];
+  auto write_vec = [&](const V& x, int64_t j) {
     const int64_t k0 = head + j * kVec;
     V out;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) out.v[e] = static_cast<scalar_t>(value(static_cast<acc>(x.v[e]), k0 + e));
     vgrad[j] = out;
+  };
+  // The part of the row that was not kept on chip first, while it is most likely still in L2.
+  const int cache_iters = backward ? 0 : a.cache_iters;
+  const int64_t first_uncached = lane + static_cast<int64_t>(cache_iters) * kGroup;
+  for (int64_t j = first_uncached; j < nvec; j += kGroup) write_vec(vrow[j], j);
+  for (int it = 0; it < cache_iters; ++it) {
+    const int64_t j = lane + static_cast<int64_t>(it) * kGroup;
+    if (j >= nvec) break;
+    write_vec(cache[it * kGroup + lane], j);
   }
 }
 
@@ -191,13 +197,19 @@ Shape choose_shape(int64_t D, int elem_bytes, bool fused_grad, int device) {
   if (row_bytes <= 4096) return shape;
   shape.threads = row_bytes <= 32768 ? 256 : row_bytes <= 131072 ? 512 : 1024;
   int64_t budget = std::max(0, cuda::max_shared_memory_per_block(device) - 2048);
-  if (const char* tune = std::getenv("FUSEDTRAIN_SPHERICAL_TUNE")) {
+  static const Shape tuned = [] {  // read once per process
+    Shape t{0, 0};
     int threads = 0, kib = 0;
-    if (std::sscanf(tune, "%d,%d", &threads, &kib) == 2 &&
-        (threads == 256 || threads == 512 || threads == 1024)) {
-      shape.threads = threads;
-      budget = std::min<int64_t>(budget, int64_t(kib) * 1024);
+    const char* tune = std::getenv("FUSEDTRAIN_SPHERICAL_TUNE");
+    if (tune && std::sscanf(tune, "%d,%d", &threads, &kib) == 2 &&
+        (threads == 256 || threads == 512 || threads == 1024) && kib >= 0) {
+      t = Shape{threads, int64_t(kib) * 1024};
     }
+    return t;
+  }();
+  if (tuned.threads) {
+    shape.threads = tuned.threads;
+    budget = std::min(budget, tuned.cache_bytes);
   }
   if (!fused_grad) return shape;
   const int64_t vec_per_thread = (row_bytes / 16 + shape.threads - 1) / shape.threads;

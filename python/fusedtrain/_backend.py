@@ -15,7 +15,8 @@ _EXTENSION_ERROR: str | None = None
 try:
     from . import _C  # noqa: F401  (importing it registers the ops)
 except ImportError as exc:  # no build: references only
-    _EXTENSION_ERROR = str(exc)
+    _EXTENSION_ERROR = ("fusedtrain._C is not built" if isinstance(exc, ModuleNotFoundError)
+                        or "cannot import name '_C'" in str(exc) else str(exc))
 
 _warned: set[tuple[str, str]] = set()
 
@@ -49,7 +50,7 @@ def use_kernel(op: str, device: torch.device) -> bool:
         return True
     if (op, device.type) not in _warned:
         _warned.add((op, device.type))
-        why = (f"fusedtrain._C is not built ({_EXTENSION_ERROR})" if not has_extension()
+        why = (f"no compiled kernels ({_EXTENSION_ERROR})" if not has_extension()
                else f"this build of fusedtrain has no {device.type} kernel for {op}")
         warnings.warn(f"{why}; using the pure-PyTorch reference for {op} on {device.type}, which is "
                       "correct but slow. Build with `pip install --no-build-isolation -e .`.",

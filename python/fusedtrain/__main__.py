@@ -1,0 +1,90 @@
+"""`python -m fusedtrain info | bench | selftest`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import __version__, _backend
+
+# Public ops and the compiled op that serves each.
+OPS = {"spherical_loss": "spherical_loss"}
+
+
+def _build_info() -> dict:
+    try:
+        from . import _build_info as info
+    except ImportError:
+        return {}
+    return {k: getattr(info, k) for k in ("WITH_CUDA", "CUDA_ARCHS", "BUILT_WITH_TORCH", "BUILT_WITH_CUDA")}
+
+
+def info() -> int:
+    build = _build_info()
+    print(f"fusedtrain {__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        print("GPU: none visible")
+    if not _backend.has_extension():
+        print(f"compiled kernels: none ({_backend.extension_error()}); every op runs its reference")
+    else:
+        cuda = (f"CUDA {build.get('BUILT_WITH_CUDA')} for archs {build.get('CUDA_ARCHS')}"
+                if build.get("WITH_CUDA") else "no CUDA")
+        print(f"compiled kernels: CPU, {cuda} (built against torch {build.get('BUILT_WITH_TORCH')})")
+    print("ops:")
+    for public, compiled in OPS.items():
+        backends = _backend.backends_for(compiled)
+        served = ", ".join(backends + ["reference (other devices)"]) if backends else "reference only"
+        print(f"  {public:24s} {served}")
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    try:
+        from .benchmarks import run
+    except ImportError as exc:
+        print(f"the benchmarks are not installed with this copy of fusedtrain ({exc})", file=sys.stderr)
+        return 1
+    return run.main(argv) or 0
+
+
+def selftest() -> int:
+    """A fast end-to-end check on every available device: forward + backward against the reference."""
+    from .reference.spherical import spherical_loss as reference
+    from .spherical import spherical_loss
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    failures = 0
+    for device in devices:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        logits = torch.randn(64, 1000, generator=gen, dtype=torch.float32).to(device)
+        target = torch.randint(0, 1000, (64,), generator=gen).to(device)
+        for kind in ("z", "spherical", "taylor", "mse"):
+            x = logits.clone().requires_grad_()
+            spherical_loss(x, target, kind).backward()
+            x64 = logits.double().requires_grad_()
+            reference(x64, target, kind).backward()
+            err = ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item()
+            ok = err < 1e-5
+            failures += not ok
+            print(f"{device:5s} spherical_loss kind={kind:9s} grad rel. error {err:.2e} {'ok' if ok else 'FAIL'}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fusedtrain")
+    parser.add_argument("command", choices=["info", "bench", "selftest"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return info() if args.command == "info" else selftest()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Small CUDA cases for compute-sanitizer (memcheck, racecheck): every kernel path once, quickly.
+
+Not a pytest module (the sanitizer makes pytest collection slow): run as
+`compute-sanitizer --tool memcheck python tests/sanitizer_cases.py`. Each case also checks its
+result against the float64 reference, so a path that runs clean but wrong still fails.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import fusedtrain
+from fusedtrain.reference.spherical import spherical_loss as reference
+
+
+def spherical_case(n: int, d: int, dtype: torch.dtype, kind: str, reduction: str, *,
+                   offset: int = 0, row_stride: int | None = None, ignore_some: bool = True) -> None:
+    width = row_stride or d
+    storage = torch.randn(n * width + offset, device="cuda", dtype=dtype)
+    logits = storage[offset:].view(n, width)[:, :d]  # misaligned rows when offset or width % 8
+    target = torch.randint(0, d, (n,), device="cuda")
+    if ignore_some and n > 1:
+        target[::3] = -100
+    x = logits.detach().clone().requires_grad_() if row_stride is None else logits.requires_grad_()
+    loss = fusedtrain.spherical_loss(x, target, kind, reduction=reduction)
+    upstream = torch.rand_like(loss)
+    (loss * upstream).sum().backward()
+    x64 = logits.detach().double().requires_grad_()
+    ref = reference(x64, target, kind, reduction=reduction)
+    (ref * upstream.double()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    grad_err = ((x.grad.double() - x64.grad).norm() / x64.grad.norm().clamp_min(1e-30)).item()
+    loss_err = ((loss.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert grad_err < tol and loss_err < tol, (n, d, dtype, kind, reduction, loss_err, grad_err)
+
+
+def main(small: bool) -> None:
+    torch.manual_seed(0)
+    cases = [
+        (64, 7, torch.float32, "z", "mean"),           # warp per row, scalar paths
+        (33, 1000, torch.bfloat16, "spherical", "sum"),
+        (17, 3001, torch.float16, "taylor", "none"),   # backward from coefficients
+        (9, 5000, torch.float32, "z", "mean"),         # block per row, shared-memory cache
+        (5, 70001, torch.bfloat16, "mse", "mean"),     # block of 1024, partial cache
+    ]
+    if small:
+        cases = cases[:1] + cases[3:4]
+    for case in cases:
+        spherical_case(*case)
+    spherical_case(8, 1001, torch.float32, "z", "mean", offset=1)                # misaligned rows
+    spherical_case(8, 2000, torch.float32, "z", "sum", row_stride=2003)           # strided rows
+    # Out-of-range target: flagged and raised, nothing written out of bounds.
+    logits = torch.randn(4, 10, device="cuda")
+    try:
+        fusedtrain.spherical_loss(logits, torch.tensor([0, 10, 2, 3], device="cuda"))
+        raise AssertionError("out-of-range target did not raise")
+    except ValueError:
+        pass
+    torch.cuda.synchronize()
+    print("sanitizer cases passed")
+
+
+if __name__ == "__main__":
+    main(small="--small" in sys.argv)
