@@ -8,8 +8,6 @@ import torch
 
 from . import __version__, _backend
 
-# Public ops and the compiled op that serves each.
-OPS = {"spherical_loss": "spherical_loss"}
 
 
 def _build_info() -> dict:
@@ -35,10 +33,10 @@ def info() -> int:
                 if build.get("WITH_CUDA") else "no CUDA")
         print(f"compiled kernels: CPU, {cuda} (built against torch {build.get('BUILT_WITH_TORCH')})")
     print("ops:")
-    for public, compiled in OPS.items():
-        backends = _backend.backends_for(compiled)
+    for op in _backend.OPS:
+        backends = _backend.backends_for(op)
         served = ", ".join(backends + ["reference (other devices)"]) if backends else "reference only"
-        print(f"  {public:24s} {served}")
+        print(f"  {op:24s} {served}")
     return 0
 
 

@@ -31,8 +31,11 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-def backends_for(op: str) -> list[str]:
-    """Dispatch keys ("CPU", "CUDA") that have a compiled kernel for `fusedtrain::<op>`."""
+# The compiled ops behind the public API (the CLI's `info` lists them).
+OPS = ("spherical_loss",)
+
+
+def _query_backends(op: str) -> list[str]:
     if not has_extension():
         return []
     name = f"fusedtrain::{op}"
@@ -41,6 +44,17 @@ def backends_for(op: str) -> list[str]:
                 if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
     except RuntimeError:  # op not registered by this build
         return []
+
+
+# Looked up once at import: torch.compile traces `use_kernel` as a plain dict lookup.
+_BACKENDS = {op: _query_backends(op) for op in OPS}
+
+
+def backends_for(op: str) -> list[str]:
+    """Dispatch keys ("CPU", "CUDA") that have a compiled kernel for `fusedtrain::<op>`."""
+    if op not in _BACKENDS:
+        _BACKENDS[op] = _query_backends(op)
+    return _BACKENDS[op]
 
 
 def use_kernel(op: str, device: torch.device) -> bool:

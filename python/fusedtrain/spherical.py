@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _backend
 from .reference import spherical as _reference
@@ -92,7 +93,10 @@ def spherical_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "z", 
     if logits.dim() > 2:
         logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         target = target.reshape(-1)
-    compute_grad = logits.requires_grad and torch.is_grad_enabled() and reduction != "none"
+    # Under torch.compile the gradient is written in backward from the coefficients (the fused
+    # path's in-place scaling of a saved output cannot be functionalized).
+    compute_grad = (logits.requires_grad and torch.is_grad_enabled() and reduction != "none"
+                    and not torch.compiler.is_compiling())
     loss, _, _ = torch.ops.fusedtrain.spherical_loss(
         logits, target, kind, float(a), float(b), float(eps), float(var_eps), int(ignore_index),
         reduction, compute_grad, bool(check_target))
@@ -129,14 +133,23 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.fused_grad_used = False
     ctx.mark_non_differentiable(grad, coef)
+    # Without this, autograd hands backward N x D zeros for the (non-differentiable) gradient
+    # output: a full extra write of the logits' size (measured: 0.65 ms of a 2.4 ms step on H100).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, target, grad, coef)
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """Whether `t` is a tracing stand-in (fake/functional tensor of torch.compile or opcheck)."""
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_coef):
     logits, target, grad, coef = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad_loss is None:
         return (None,) * 11
-    if grad.numel() == logits.numel() and logits.numel() > 0 and not ctx.fused_grad_used:
+    fused = grad.numel() == logits.numel() and logits.numel() > 0
+    if fused and not ctx.fused_grad_used and not _is_traced(grad):
         # The forward already wrote dL/dlogits (reduction weight included): scale it by the
         # upstream scalar in place; the kernel skips the pass when that scalar is 1. The buffer is
         # handed to autograd, which may keep it as `.grad`: a second backward through the same

@@ -1,0 +1,46 @@
+"""Shared fixtures: devices (CUDA ones marked `cuda` and skipped without a GPU), fresh seeds."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import fusedtrain
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different seed per test (stable across runs): fresh inputs everywhere, reproducible failures.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def kernels_built(device: str) -> bool:
+    """Whether a compiled kernel serves spherical_loss on `device` (else the reference runs)."""
+    key = "CUDA" if device == "cuda" else "CPU"
+    return key in fusedtrain._backend.backends_for("spherical_loss")
+
+
+@pytest.fixture
+def needs_kernels(device):
+    if not kernels_built(device):
+        pytest.skip(f"no compiled {device} kernel for spherical_loss in this build")

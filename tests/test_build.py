@@ -1,0 +1,65 @@
+"""The package imports, says what was built, and (in CI) really has its compiled kernels."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import _backend
+
+
+def test_cli_info_lists_every_op():
+    out = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert fusedtrain.__version__ in out and torch.__version__ in out
+    for op in _backend.OPS:
+        assert op in out
+
+
+def test_cli_selftest_passes():
+    subprocess.run([sys.executable, "-m", "fusedtrain", "selftest"], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(os.environ.get("FUSEDTRAIN_EXPECT_EXTENSION") != "1",
+                    reason="set FUSEDTRAIN_EXPECT_EXTENSION=1 where the build must have happened (CI)")
+def test_extension_was_built():
+    assert _backend.has_extension(), _backend.extension_error()
+    for op in _backend.OPS:
+        assert "CPU" in _backend.backends_for(op)
+        if os.environ.get("FUSEDTRAIN_EXPECT_CUDA") == "1":
+            assert "CUDA" in _backend.backends_for(op), "CUDA kernels missing from a CUDA build"
+
+
+def test_missing_kernel_warns_once_and_falls_back(monkeypatch):
+    # A device without a kernel runs the reference after one RuntimeWarning.
+    monkeypatch.setitem(_backend._BACKENDS, "spherical_loss", [])
+    monkeypatch.setattr(_backend, "_warned", set())
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.warns(RuntimeWarning, match="reference"):
+        fusedtrain.spherical_loss(logits, target)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedtrain.spherical_loss(logits, target)  # no second warning
+
+
+def test_import_without_extension_uses_references(tmp_path):
+    # A source tree that was never built: copy the Python package without _C and import it.
+    import shutil
+    pkg = os.path.dirname(fusedtrain.__file__)
+    shutil.copytree(pkg, tmp_path / "fusedtrain", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    # An editable install's import hook would still find the built _C: drop such hooks first.
+    code = ("import sys\n"
+            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "import warnings, torch, fusedtrain\n"
+            "assert not fusedtrain._backend.has_extension()\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
+            "assert any('not built' in str(x.message) for x in w), [str(x.message) for x in w]\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
