@@ -37,7 +37,8 @@ def _find_cuda_home() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
-            out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True,
+            out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True,
                                  timeout=60)
             match = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
             if match:

@@ -1,0 +1,1 @@
+"""fusedtrain benchmarks (installed as `fusedtrain.benchmarks`): `python -m fusedtrain bench`."""
