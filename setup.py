@@ -118,7 +118,7 @@ def _extension():
     with_cuda = _want_cuda()
     archs = _arch_list(with_cuda)
     _write_build_info(with_cuda, archs)
-    cxx = ["-O3", "-fvisibility=hidden", "-Wno-psabi"]  # torch adds the -std it needs (C++20 from 2.13)
+    cxx = ["-O3", "-Wno-psabi"]  # torch adds the -std it needs (C++20 from 2.13)
     kwargs = dict(name="fusedtrain._C", sources=_sources(with_cuda), py_limited_api=True,
                   include_dirs=[os.path.join(ROOT, "csrc")])
     if not with_cuda:

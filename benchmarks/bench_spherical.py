@@ -42,6 +42,9 @@ def _liger():
 def _implementations(device: str, kind: str) -> dict:
     impls = {
         "ours": lambda x, t: fusedtrain.spherical_loss(x, t, kind),
+        # check_target=False: no read-back of the out-of-range flag. On CUDA that read-back is a
+        # host sync, which exposes the CPU's launch overhead of the rest of the step.
+        "ours_unchecked": lambda x, t: fusedtrain.spherical_loss(x, t, kind, check_target=False),
         "reference": lambda x, t: reference_loss(x, t, kind),
         "cross_entropy": lambda x, t: F.cross_entropy(x, t),
     }
@@ -55,7 +58,7 @@ def _repeats(device: str, n: int, d: int, impl: str) -> tuple[int, int]:
     if device == "cuda":
         return 3, 20
     big = n * d >= 1 << 26  # the slow baselines take seconds a call there: no warm-up, 3 samples
-    return (0, 3) if big and impl != "ours" else (1, 5) if big else (2, 10)
+    return (0, 3) if big and not impl.startswith("ours") else (1, 5) if big else (2, 10)
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -94,7 +97,8 @@ def run(device: str, quick: bool) -> list[dict]:
                                           p80_ms=m.p80_ms, peak_extra_mib=m.peak_extra_mib,
                                           repeats=m.repeats, bytes_moved=bytes_moved, gbps=gbps,
                                           fraction_of_copy_bw=gbps / copy_bw,
-                                          used_kernel=kernel if impl == "ours" else None, note=""))
+                                          used_kernel=kernel if impl.startswith("ours") else None,
+                                          note=""))
                 del x
             _add_speedups(case_rows)
             for row in case_rows:
@@ -134,12 +138,13 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
                     lines.append(f"CPU 4096x32768 fp32 fwd+bwd: {s:.2f}x faster than {base} "
                                  f"(target >= {target}x): {'MET' if s >= target else 'NOT MET'}")
     else:
-        ours = find(8192, 131072, "bfloat16", "ours")
-        if ours:
-            f = ours["fraction_of_copy_bw"]
-            lines.append(f"CUDA 8192x131072 bf16 fwd+bwd: {ours['gbps']:.0f} GB/s = {f:.1%} of measured "
-                         f"copy bandwidth {ours['copy_gbps']:.0f} GB/s (target >= 80%): "
-                         f"{'MET' if f >= 0.8 else 'NOT MET'}")
+        for impl in ("ours_unchecked", "ours"):
+            ours = find(8192, 131072, "bfloat16", impl)
+            if ours:
+                f = ours["fraction_of_copy_bw"]
+                lines.append(f"CUDA 8192x131072 bf16 fwd+bwd, {impl}: {ours['gbps']:.0f} GB/s = {f:.1%} of "
+                             f"measured copy bandwidth {ours['copy_gbps']:.0f} GB/s (target >= 80%): "
+                             f"{'MET' if f >= 0.8 else 'NOT MET'}")
     return lines
 
 

@@ -131,6 +131,10 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """Short commit of the checkout (+"-dirty"); FUSEDTRAIN_COMMIT overrides it, for copies of the
+    tree without their git history (the GPU machine gets the working tree only)."""
+    if os.environ.get("FUSEDTRAIN_COMMIT"):
+        return os.environ["FUSEDTRAIN_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,

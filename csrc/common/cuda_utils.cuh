@@ -32,6 +32,19 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// Sum over an aligned group of kWidth (a power of two <= 32) lanes of a warp. Only the group's
+// lanes are in the shuffle mask, so groups of one warp may take different branches.
+template <int kWidth, typename T>
+__device__ __forceinline__ T group_sum(T x) {
+  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0, "group width");
+  if constexpr (kWidth == 32) return warp_sum(x);
+  const unsigned lane = threadIdx.x & 31;
+  const unsigned mask = ((kWidth == 32 ? 0u : (1u << kWidth)) - 1u) << (lane & ~(kWidth - 1u));
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(mask, x, offset);
+  return x;
+}
+
 // Sum of two values over all threads of the block, returned to every thread. `scratch` holds
 // 2 * (blockDim / 32) values. Ends with a barrier so scratch may be reused right after.
 template <int kThreads, typename T>

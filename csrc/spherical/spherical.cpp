@@ -54,6 +54,12 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   check_same_device(target, logits, "target", "logits");
 }
 
+[[noreturn]] C10_NOINLINE void throw_bad_target(int64_t D, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(false, "target holds class indices outside [0, ", D,
+                    ") that are not ignore_index (", ignore_index, ")");
+  __builtin_unreachable();
+}
+
 at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -94,11 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     launch.weight = count.reciprocal();
   }
   if (N > 0) kernel(launch);
-  if (check_target && N > 0) {
-    // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
-    TORCH_CHECK_VALUE(launch.bad_target.item<int>() == 0, "target holds class indices outside [0, ",
-                      logits_in.size(1), ") that are not ignore_index (", ignore_index, ")");
-  }
+  // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
+  if (check_target && N > 0 && launch.bad_target.item<int>() != 0)
+    throw_bad_target(logits_in.size(1), ignore_index);
   at::Tensor loss;
   if (red == kNone) {
     loss = launch.row_loss.to(logits_in.scalar_type());

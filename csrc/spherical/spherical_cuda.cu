@@ -52,15 +52,17 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
   using acc = acc_t<scalar_t>;
   using V = cuda::Vec16<scalar_t>;
   constexpr int kVec = V::kSize;
-  constexpr int kWarps = kGroup / 32;
+  constexpr int kWarps = kGroup >= 32 ? kGroup / 32 : 1;
   __shared__ acc scratch[2 * kWarps];
   extern __shared__ __align__(16) unsigned char cache_raw[];
   V* cache = reinterpret_cast<V*>(cache_raw);
 
-  const int lane = kRowsPerBlock == 1 ? threadIdx.x : (threadIdx.x & 31);
+  static_assert(kRowsPerBlock == 1 || kGroup <= 32, "several rows a block only for sub-block groups");
+  const int lane = kRowsPerBlock == 1 ? threadIdx.x : (threadIdx.x % kGroup);
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
-                    (kRowsPerBlock == 1 ? 0 : (threadIdx.x >> 5));
-  if (n >= a.N) return;  // whole groups leave together: a row's threads all share n
+                    (kRowsPerBlock == 1 ? 0 : (threadIdx.x / kGroup));
+  if (n >= a.N) return;  // whole groups leave together: a row's threads all share n, and group
+                         // reductions shuffle within their group only
   const int64_t D = a.D;
   const bool backward = a.upstream != nullptr;
   const scalar_t* row = a.logits + n * a.stride;
@@ -120,11 +122,11 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
 #pragma unroll
       for (int e = 0; e < kVec; ++e) add(static_cast<acc>(x.v[e]));
     }
-    if (kRowsPerBlock == 1) {
+    if constexpr (kRowsPerBlock == 1) {
       cuda::block_allreduce_sum2<kGroup>(s, q, scratch);
     } else {
-      s = cuda::warp_sum(s);
-      q = cuda::warp_sum(q);
+      s = cuda::group_sum<kGroup>(s);
+      q = cuda::group_sum<kGroup>(q);
     }
     const RowCoefficients<acc> r =
         row_coefficients<acc>(s, q, oc - shift, static_cast<acc>(D), a.params);
@@ -183,17 +185,18 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
   }
 }
 
-// Launch shape. Rows of at most 4 KiB go one to a warp; longer rows one to a block, which keeps as
+// Launch shape. Rows of at most 128 bytes go one to 8 lanes, up to 4 KiB one to a warp; longer rows
+// one to a block, which keeps as
 // much of its row in shared memory as `cache_budget` allows when it also writes the gradient.
 // FUSEDTRAIN_SPHERICAL_TUNE="threads,cache_kib" overrides both (for tuning runs).
 struct Shape {
-  int threads;        // threads per row group: 32 (warp per row) or a block size
+  int threads;        // threads per row: 8 or 32 (several rows a block) or a whole block
   int64_t cache_bytes;
 };
 
 Shape choose_shape(int64_t D, int elem_bytes, bool fused_grad, int device) {
   const int64_t row_bytes = D * elem_bytes;
-  Shape shape{32, 0};
+  Shape shape{row_bytes <= 128 ? 8 : 32, 0};
   if (row_bytes <= 4096) return shape;
   shape.threads = row_bytes <= 32768 ? 256 : row_bytes <= 131072 ? 512 : 1024;
   int64_t budget = std::max(0, cuda::max_shared_memory_per_block(device) - 2048);
@@ -258,6 +261,7 @@ void run_rows(const RowLaunch& L) {
   const Shape shape = choose_shape(a.D, sizeof(scalar_t), !backward && a.grad, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   switch (shape.threads) {
+    case 8: return launch_kernel<scalar_t, 8, 32>(a, 0, stream);
     case 32: return launch_kernel<scalar_t, 32, 8>(a, 0, stream);
     case 256: return launch_kernel<scalar_t, 256, 1>(a, shape.cache_bytes, stream);
     case 512: return launch_kernel<scalar_t, 512, 1>(a, shape.cache_bytes, stream);
