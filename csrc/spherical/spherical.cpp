@@ -54,9 +54,12 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   check_same_device(target, logits, "target", "logits");
 }
 
+// The message is built as one string: on torch 2.11 (GPU machine, g++ 13) formatting int64
+// arguments inside TORCH_CHECK at this point crashed the process instead of raising.
 [[noreturn]] C10_NOINLINE void throw_bad_target(int64_t D, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(false, "target holds class indices outside [0, ", D,
-                    ") that are not ignore_index (", ignore_index, ")");
+  const std::string message = "target holds class indices outside [0, " + std::to_string(D) +
+                              ") that are not ignore_index (" + std::to_string(ignore_index) + ")";
+  TORCH_CHECK_VALUE(false, message);
   __builtin_unreachable();
 }
 
