@@ -17,14 +17,16 @@ int parse_kind(const std::string& kind) {
   if (kind == "spherical") return kSpherical;
   if (kind == "taylor") return kTaylor;
   if (kind == "mse") return kMse;
-  TORCH_CHECK_VALUE(false, "kind must be one of 'z', 'spherical', 'taylor', 'mse', got '", kind, "'");
+  FT_CHECK_VALUE(false, "kind must be one of 'z', 'spherical', 'taylor', 'mse', got '", kind, "'");
+  return -1;  // not reached
 }
 
 int parse_reduction(const std::string& reduction) {
   if (reduction == "mean") return kMean;
   if (reduction == "sum") return kSum;
   if (reduction == "none") return kNone;
-  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+  FT_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+  return -1;  // not reached
 }
 
 Params make_params(const std::string& kind, double a, double b, double eps, double var_eps) {
@@ -34,10 +36,10 @@ Params make_params(const std::string& kind, double a, double b, double eps, doub
   check_finite(eps, "eps");
   check_finite(var_eps, "var_eps");
   if (p.kind == kZ) {
-    TORCH_CHECK_VALUE(a > 0, "a must be > 0 for the Z-loss, got ", a);
-    TORCH_CHECK_VALUE(var_eps >= 0, "var_eps must be >= 0, got ", var_eps);
+    FT_CHECK_VALUE(a > 0, "a must be > 0 for the Z-loss, got ", a);
+    FT_CHECK_VALUE(var_eps >= 0, "var_eps must be >= 0, got ", var_eps);
   }
-  if (p.kind == kSpherical) TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  if (p.kind == kSpherical) FT_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
   return p;
 }
 
@@ -47,19 +49,16 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   check_floating(logits, "logits");
   check_dtype(target, at::kLong, "target");
   check_dim(logits, 2, "logits");
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class (D >= 1), got shape ",
+  FT_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class (D >= 1), got shape ",
                     logits.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), "target must have shape (",
+  FT_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), "target must have shape (",
                     logits.size(0), ",) for logits of shape ", logits.sizes(), ", got ", target.sizes());
   check_same_device(target, logits, "target", "logits");
 }
 
-// The message is built as one string: on torch 2.11 (GPU machine, g++ 13) formatting int64
-// arguments inside TORCH_CHECK at this point crashed the process instead of raising.
 [[noreturn]] C10_NOINLINE void throw_bad_target(int64_t D, int64_t ignore_index) {
-  const std::string message = "target holds class indices outside [0, " + std::to_string(D) +
-                              ") that are not ignore_index (" + std::to_string(ignore_index) + ")";
-  TORCH_CHECK_VALUE(false, message);
+  FT_CHECK_VALUE(false, "target holds class indices outside [0, ", D, ") that are not ignore_index (",
+                 ignore_index, ")");
   __builtin_unreachable();
 }
 
@@ -123,11 +122,11 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, co
   check_inputs(logits_in, target);
   const int64_t N = logits_in.size(0);
   const auto acc = accumulate_type(logits_in.scalar_type());
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == kCoefCount &&
+  FT_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == N && coef.size(1) == kCoefCount &&
                         coef.scalar_type() == acc,
                     "coef must be the (N, 4) coefficients saved by spherical_loss, got ", coef.sizes(),
                     " ", coef.scalar_type());
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == N),
+  FT_CHECK_VALUE(grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == N),
                     "grad_loss must be a scalar or have shape (", N, ",), got ", grad_loss.sizes());
   check_same_device(grad_loss, logits_in, "grad_loss", "logits");
   check_same_device(coef, logits_in, "coef", "logits");
@@ -143,10 +142,10 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, co
 }
 
 void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss, ScaleKernel kernel) {
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+  FT_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
                     grad_loss.sizes());
   check_same_device(grad_loss, grad, "grad_loss", "grad");
-  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
+  FT_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
   if (grad.numel() > 0) kernel(grad, grad_loss.to(accumulate_type(grad.scalar_type())).reshape({}));
 }
 

@@ -230,7 +230,7 @@ void launch_kernel(RowArgs<scalar_t> a, int64_t cache_bytes, cudaStream_t stream
   }
   a.cache_iters = static_cast<int>(cache_bytes / (16 * kGroup));
   const int64_t blocks = (a.N + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "logits has too many rows (", a.N, ")");
+  FT_CHECK(blocks <= std::numeric_limits<int>::max(), "logits has too many rows (", a.N, ")");
   kernel<<<static_cast<unsigned>(blocks), kGroup * kRowsPerBlock, cache_bytes, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
