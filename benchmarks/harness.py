@@ -86,14 +86,19 @@ def measure(fn: Callable[[], object], *, device: str, warmup: int = 3, repeats: 
         call()
     samples = []
     if device == "cuda":
+        # Back to back, one sync at the end (as triton's do_bench): the host runs ahead as in
+        # training, so per-call launch overhead hides under the GPU work instead of being timed
+        # as idle GPU before every sample.
+        events = []
         for _ in range(repeats):
             setup()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
+            events.append((start, end))
+        torch.cuda.synchronize()
+        samples = [start.elapsed_time(end) for start, end in events]
         setup()
         peak = _cuda_peak_extra_mib(fn)
     else:
