@@ -1,6 +1,7 @@
 """Shared fixtures: devices (CUDA ones marked `cuda` and skipped without a GPU), fresh seeds."""
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -31,7 +32,9 @@ def device(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A different seed per test (stable across runs): fresh inputs everywhere, reproducible failures.
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # FUSEDTRAIN_TEST_SEED=k draws another set (to look for tolerances that only pass by luck).
+    salt = os.environ.get("FUSEDTRAIN_TEST_SEED", "")
+    torch.manual_seed(zlib.crc32((salt + request.node.nodeid).encode()))
 
 
 def kernels_built(device: str) -> bool:

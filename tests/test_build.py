@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,12 +14,22 @@ import fusedtrain
 from fusedtrain import _backend
 
 
+def test_public_api_is_importable():
+    assert isinstance(fusedtrain.__version__, str) and fusedtrain.__version__
+    assert callable(fusedtrain.spherical_loss)
+    assert issubclass(fusedtrain.nn.SphericalLoss, torch.nn.Module)
+    assert callable(fusedtrain.reference.spherical.spherical_loss)
+    assert "spherical_loss" in _backend.OPS
+
+
 def test_cli_info_lists_every_op():
     out = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True).stdout  # check=True: exit status 0
     assert fusedtrain.__version__ in out and torch.__version__ in out
     for op in _backend.OPS:
         assert op in out
+    # It reports the build this process sees.
+    assert ("compiled kernels: none" in out) == (not _backend.has_extension()), out
 
 
 def test_cli_selftest_passes():
@@ -30,8 +42,16 @@ def test_extension_was_built():
     assert _backend.has_extension(), _backend.extension_error()
     for op in _backend.OPS:
         assert "CPU" in _backend.backends_for(op)
-        if os.environ.get("FUSEDTRAIN_EXPECT_CUDA") == "1":
+        if torch.version.cuda is not None and os.environ.get("FUSEDTRAIN_EXPECT_CUDA") == "1":
             assert "CUDA" in _backend.backends_for(op), "CUDA kernels missing from a CUDA build"
+
+
+def test_built_kernel_is_used_without_warning():
+    if "CPU" not in _backend.backends_for("spherical_loss"):
+        pytest.skip("no compiled CPU kernel in this build")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.use_kernel("spherical_loss", torch.device("cpu"))
 
 
 def test_missing_kernel_warns_once_and_falls_back(monkeypatch):
@@ -40,26 +60,32 @@ def test_missing_kernel_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
     logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.warns(RuntimeWarning, match="reference"):
-        fusedtrain.spherical_loss(logits, target)
-    import warnings
+        loss = fusedtrain.spherical_loss(logits, target)
+    torch.testing.assert_close(loss, fusedtrain.reference.spherical.spherical_loss(logits, target))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fusedtrain.spherical_loss(logits, target)  # no second warning
+        assert not _backend.use_kernel("spherical_loss", torch.device("cpu"))
 
 
 def test_import_without_extension_uses_references(tmp_path):
     # A source tree that was never built: copy the Python package without _C and import it.
-    import shutil
     pkg = os.path.dirname(fusedtrain.__file__)
-    shutil.copytree(pkg, tmp_path / "fusedtrain", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    # symlinks=True: links inside the package (e.g. to the repository's benchmarks) stay links.
+    shutil.copytree(pkg, tmp_path / "fusedtrain", symlinks=True,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     # An editable install's import hook would still find the built _C: drop such hooks first.
     code = ("import sys\n"
             "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
             "import warnings, torch, fusedtrain\n"
+            "assert fusedtrain.__file__.startswith(sys.argv[1]), fusedtrain.__file__\n"
             "assert not fusedtrain._backend.has_extension()\n"
+            "assert fusedtrain._backend.backends_for('spherical_loss') == []\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
-            "assert any('not built' in str(x.message) for x in w), [str(x.message) for x in w]\n")
+            "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
+            "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
+            "assert len(msgs) == 1 and 'not built' in msgs[0], msgs\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=tmp_path)

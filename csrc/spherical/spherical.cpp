@@ -82,6 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   check_inputs(logits_in, target_in);
   const Params params = make_params(kind, a, b, eps, var_eps);
   const int red = parse_reduction(reduction);
+  // With reduction 'none' the gradient depends on the per-row upstream gradient, known only in
+  // backward: the forward cannot write it.
+  FT_CHECK_VALUE(!(compute_grad && red == kNone),
+                 "compute_grad=True needs reduction 'mean' or 'sum', got reduction='none'");
   const int64_t N = logits_in.size(0);
   const auto acc = accumulate_type(logits_in.scalar_type());
   const auto acc_opts = logits_in.options().dtype(acc);

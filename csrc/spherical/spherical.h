@@ -30,6 +30,48 @@ struct RowLaunch {
   at::Tensor bad_target; // forward: int32 (1,) set to 1 when a target is out of range
 };
 
+// The launch as raw pointers, the form both backends' row loops take.
+template <typename scalar_t>
+struct RowPointers {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* logits = nullptr;
+  int64_t stride = 0, N = 0, D = 0;
+  const int64_t* target = nullptr;
+  int64_t ignore_index = 0;
+  Params params{};
+  const acc* weight = nullptr;    // forward: reduction weight, or null for 1
+  acc* row_loss = nullptr;        // forward
+  acc* coef = nullptr;            // written in forward, read in backward
+  scalar_t* grad = nullptr;       // null in a forward that writes no gradient
+  const acc* upstream = nullptr;  // backward only (null in forward)
+  int64_t up_stride = 0;          // 0 for a scalar upstream gradient, 1 for per-row
+  int* bad = nullptr;             // forward: set to 1 when a target is out of range
+};
+
+template <typename scalar_t>
+RowPointers<scalar_t> row_pointers(const RowLaunch& L) {
+  using acc = acc_t<scalar_t>;
+  RowPointers<scalar_t> p;
+  p.logits = L.logits.data_ptr<scalar_t>();
+  p.stride = L.logits.stride(0);
+  p.N = L.logits.size(0);
+  p.D = L.logits.size(1);
+  p.target = L.target.data_ptr<int64_t>();
+  p.ignore_index = L.ignore_index;
+  p.params = L.params;
+  p.coef = L.coef.data_ptr<acc>();
+  p.grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
+  if (L.upstream.defined()) {
+    p.upstream = L.upstream.data_ptr<acc>();
+    p.up_stride = L.upstream.numel() == 1 ? 0 : 1;
+  } else {
+    p.weight = L.weight.defined() ? L.weight.data_ptr<acc>() : nullptr;
+    p.row_loss = L.row_loss.data_ptr<acc>();
+    p.bad = L.bad_target.data_ptr<int>();
+  }
+  return p;
+}
+
 using RowKernel = void (*)(const RowLaunch&);
 using ScaleKernel = void (*)(at::Tensor& grad, const at::Tensor& factor);
 

@@ -66,28 +66,11 @@ FT_ALWAYS_INLINE void fill_row(scalar_t* out, int64_t D, acc_t<scalar_t> value) 
   for (int64_t k = 0; k < D; ++k) out[k] = v;
 }
 
-// Everything a range of rows needs, so the per-ISA entry points below share one body.
 template <typename scalar_t>
-struct Rows {
-  using acc = acc_t<scalar_t>;
-  const scalar_t* logits;
-  int64_t stride, D;
-  const int64_t* target;
-  int64_t ignore_index;
-  Params params;
-  acc weight;          // forward: reduction weight
-  acc* row_loss;       // forward
-  acc* coef;           // written in forward, read in backward
-  scalar_t* grad;      // may be null in forward
-  const acc* upstream; // backward only
-  int64_t up_stride;
-  int* bad;            // forward: set when a target is out of range
-};
-
-template <typename scalar_t>
-FT_ALWAYS_INLINE void forward_range(const Rows<scalar_t>& R, int64_t begin, int64_t end) {
+FT_ALWAYS_INLINE void forward_range(const RowPointers<scalar_t>& R, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   const acc Dacc = static_cast<acc>(R.D);
+  const acc weight = R.weight ? *R.weight : acc(1);
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* row = R.logits + n * R.stride;
     const int64_t c = R.target[n];
@@ -109,16 +92,16 @@ FT_ALWAYS_INLINE void forward_range(const Rows<scalar_t>& R, int64_t begin, int6
     shifted_sums(row, R.D, shift, s, q);
     const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc - shift, Dacc, R.params);
     R.row_loss[n] = r.loss;
-    cf[kCoefAlpha] = R.weight * r.alpha;
-    cf[kCoefBeta] = R.weight * r.beta;
-    cf[kCoefGamma] = R.weight * r.gamma;
+    cf[kCoefAlpha] = weight * r.alpha;
+    cf[kCoefBeta] = weight * r.beta;
+    cf[kCoefGamma] = weight * r.gamma;
     cf[kCoefShift] = shift;
     if (grow) write_row_gradient(row, grow, R.D, c, cf[kCoefAlpha], cf[kCoefBeta], cf[kCoefGamma], shift);
   }
 }
 
 template <typename scalar_t>
-FT_ALWAYS_INLINE void backward_range(const Rows<scalar_t>& R, int64_t begin, int64_t end) {
+FT_ALWAYS_INLINE void backward_range(const RowPointers<scalar_t>& R, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   for (int64_t n = begin; n < end; ++n) {
     const int64_t c = R.target[n];
@@ -137,14 +120,14 @@ FT_ALWAYS_INLINE void backward_range(const Rows<scalar_t>& R, int64_t begin, int
 }
 
 template <typename scalar_t>
-void rows_base(const Rows<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
+void rows_base(const RowPointers<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
   if (fwd) forward_range(R, begin, end);
   else backward_range(R, begin, end);
 }
 
 #if FT_HAVE_AVX2_PATH
 template <typename scalar_t>
-FT_TARGET_AVX2 void rows_avx2(const Rows<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
+FT_TARGET_AVX2 void rows_avx2(const RowPointers<scalar_t>& R, bool fwd, int64_t begin, int64_t end) {
   if (fwd) forward_range(R, begin, end);
   else backward_range(R, begin, end);
 }
@@ -152,36 +135,17 @@ FT_TARGET_AVX2 void rows_avx2(const Rows<scalar_t>& R, bool fwd, int64_t begin, 
 
 template <typename scalar_t>
 void run_rows(const RowLaunch& L) {
-  using acc = acc_t<scalar_t>;
-  const bool fwd = !L.upstream.defined();
-  Rows<scalar_t> R{};
-  R.logits = L.logits.data_ptr<scalar_t>();
-  R.stride = L.logits.stride(0);
-  R.D = L.logits.size(1);
-  R.target = L.target.data_ptr<int64_t>();
-  R.ignore_index = L.ignore_index;
-  R.params = L.params;
-  R.coef = L.coef.data_ptr<acc>();
-  R.grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
-  int bad = 0;
-  if (fwd) {
-    R.weight = L.weight.defined() ? L.weight.item<acc>() : acc(1);
-    R.row_loss = L.row_loss.data_ptr<acc>();
-    R.bad = &bad;
-  } else {
-    R.upstream = L.upstream.data_ptr<acc>();
-    R.up_stride = L.upstream.numel() == 1 ? 0 : 1;
-  }
+  const RowPointers<scalar_t> R = row_pointers<scalar_t>(L);
+  const bool fwd = R.upstream == nullptr;
   if (R.grad) cpu::advise_huge_pages(R.grad, L.grad.numel() * sizeof(scalar_t));
   const int64_t grain = std::max<int64_t>(1, 16384 / R.D);
   const bool avx2 = cpu::cpu_has_avx2();
-  at::parallel_for(0, L.logits.size(0), grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R.N, grain, [&](int64_t begin, int64_t end) {
 #if FT_HAVE_AVX2_PATH
     if (avx2) return rows_avx2(R, fwd, begin, end);
 #endif
     rows_base(R, fwd, begin, end);
   });
-  if (bad) L.bad_target.fill_(1);
 }
 
 void row_kernel_cpu(const RowLaunch& L) {

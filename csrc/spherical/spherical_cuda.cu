@@ -27,21 +27,8 @@ namespace spherical {
 namespace {
 
 template <typename scalar_t>
-struct RowArgs {
-  using acc = acc_t<scalar_t>;
-  const scalar_t* logits;
-  int64_t stride, N, D;
-  const int64_t* target;
-  int64_t ignore_index;
-  Params params;
-  const acc* weight;    // forward: reduction weight on the device, or null for 1
-  acc* row_loss;        // forward
-  acc* coef;            // written in forward, read in backward
-  scalar_t* grad;       // null in a forward that writes no gradient
-  const acc* upstream;  // backward: the upstream gradient (null in forward)
-  int64_t up_stride;    // 0 for a scalar upstream gradient, 1 for per-row
-  int* bad;             // forward: set to 1 when a target is out of range
-  int cache_iters;      // 16-byte vectors per thread kept in shared memory between the passes
+struct RowArgs : RowPointers<scalar_t> {
+  int cache_iters = 0;  // 16-byte vectors per thread kept in shared memory between the passes
 };
 
 constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
@@ -238,25 +225,9 @@ void launch_kernel(RowArgs<scalar_t> a, int64_t cache_bytes, cudaStream_t stream
 template <typename scalar_t>
 void run_rows(const RowLaunch& L) {
   using acc = acc_t<scalar_t>;
-  RowArgs<scalar_t> a{};
-  a.logits = L.logits.data_ptr<scalar_t>();
-  a.stride = L.logits.stride(0);
-  a.N = L.logits.size(0);
-  a.D = L.logits.size(1);
-  a.target = L.target.data_ptr<int64_t>();
-  a.ignore_index = L.ignore_index;
-  a.params = L.params;
-  a.coef = L.coef.data_ptr<acc>();
-  a.grad = L.grad.defined() ? L.grad.data_ptr<scalar_t>() : nullptr;
-  const bool backward = L.upstream.defined();
-  if (backward) {
-    a.upstream = L.upstream.data_ptr<acc>();
-    a.up_stride = L.upstream.numel() == 1 ? 0 : 1;
-  } else {
-    a.weight = L.weight.defined() ? L.weight.data_ptr<acc>() : nullptr;
-    a.row_loss = L.row_loss.data_ptr<acc>();
-    a.bad = L.bad_target.data_ptr<int>();
-  }
+  RowArgs<scalar_t> a;
+  static_cast<RowPointers<scalar_t>&>(a) = row_pointers<scalar_t>(L);
+  const bool backward = a.upstream != nullptr;
   const int device = L.logits.get_device();
   const Shape shape = choose_shape(a.D, sizeof(scalar_t), !backward && a.grad, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

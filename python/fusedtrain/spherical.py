@@ -112,6 +112,8 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _fake_spherical_loss(logits, target, kind, a, b, eps, var_eps, ignore_index, reduction,
                          compute_grad, check_target):
+    if compute_grad and reduction == "none":
+        raise ValueError("compute_grad=True needs reduction 'mean' or 'sum', got reduction='none'")
     n = logits.shape[0]
     loss = logits.new_empty((n,) if reduction == "none" else ())
     grad = logits.new_empty(logits.shape if compute_grad else (0,))
