@@ -3,8 +3,10 @@ F.cross_entropy (the softmax baseline) vs Liger's cross-entropy (CUDA, when inst
 
 Bytes that must move: forward reads the logits once; forward + backward also writes their
 gradient once. GB/s is those bytes over the median time, and its fraction of the measured copy
-bandwidth says how close to the memory ceiling an implementation runs.
-Run: `python -m fusedtrain bench --family spherical [--device cpu|cuda] [--quick]`.
+bandwidth says how close to the memory ceiling an implementation runs. (On a CPU a copy's writes
+also cost a read for ownership of each cache line, so a read-only forward can pass 1.0.)
+Run: `python -m fusedtrain bench --family spherical [--device cpu|cuda] [--quick]`, or this file as a
+script with the same options.
 """
 from __future__ import annotations
 
@@ -15,32 +17,56 @@ import fusedtrain
 from fusedtrain import _backend
 from fusedtrain.reference.spherical import spherical_loss as reference_loss
 
-from . import harness
+if __package__:
+    from . import harness
+else:  # run as a script: no parent package for a relative import
+    from fusedtrain.benchmarks import harness
 
+OP = "spherical_loss"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
-# (N, D, dtype, kinds). The first shape of each list is the acceptance shape.
+# (N, D, dtype, kinds). The first shape of each list is the acceptance shape; the kinds after "z"
+# are measured there only (ours and the reference; the softmax baselines do not depend on kind).
 CPU_SHAPES = [(4096, 32768, "float32", ("z", "spherical", "taylor", "mse")),
               (1024, 32768, "float32", ("z",)), (8192, 4096, "bfloat16", ("z",)),
               (65536, 128, "float32", ("z",))]
 CPU_QUICK = [(4096, 32768, "float32", ("z",))]
+# All CUDA inputs are >= 64 MiB, beyond the 50 MiB L2 of an H100/H200, so repeats need no rotation
+# among input sets (a row notes it when the input does fit in the device's L2).
 CUDA_SHAPES = [(8192, 131072, "bfloat16", ("z", "spherical", "taylor", "mse")),
                (8192, 32768, "bfloat16", ("z",)), (4096, 131072, "float32", ("z",)),
                (16384, 50257, "bfloat16", ("z",)), (65536, 1024, "bfloat16", ("z",)),
                (1 << 22, 8, "bfloat16", ("z",))]
 CUDA_QUICK = CUDA_SHAPES[:2]
 
+# Every row has these keys, in this order (the CSV columns).
+ROW_FIELDS = ["family", "op", "impl", "kind", "N", "D", "dtype", "device_name", "torch", "cuda", "commit",
+              "pass", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "repeats", "bytes_moved", "gbps",
+              "copy_gbps", "fraction_of_copy_bw", "speedup_vs_cross_entropy", "speedup_vs_reference",
+              "used_kernel", "note"]
+
 
 def _liger():
+    """Liger's functional cross-entropy, or why it is unavailable (a string)."""
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
-        return liger_cross_entropy
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return f"liger_kernel not importable ({type(exc).__name__})"
+    except ModuleNotFoundError:
+        return "liger_kernel not installed"
+    except Exception as exc:  # noqa: BLE001 - a broken install is reported, not fatal
+        return f"liger_kernel import failed ({type(exc).__name__}: {exc})"
+
+    def loss(x, t):
+        out = liger_cross_entropy(x, t)
+        return out[0] if isinstance(out, tuple) else out  # some versions also return z_loss
+    return loss
 
 
 def _implementations(device: str, kind: str, baselines: bool) -> dict:
-    """Ours and the reference for `kind`; the kind-independent softmax baselines once per shape."""
+    """impl name -> loss(logits, target), or a string saying why it is skipped.
+
+    Ours and the reference for `kind`; the kind-independent softmax baselines only when
+    `baselines` (once per shape).
+    """
     impls = {
         "ours": lambda x, t: fusedtrain.spherical_loss(x, t, kind),
         # check_target=False: no read-back of the out-of-range flag. On CUDA that read-back is a
@@ -48,109 +74,167 @@ def _implementations(device: str, kind: str, baselines: bool) -> dict:
         "ours_unchecked": lambda x, t: fusedtrain.spherical_loss(x, t, kind, check_target=False),
         "reference": lambda x, t: reference_loss(x, t, kind),
     }
-    if not baselines:
-        return impls
-    impls["cross_entropy"] = lambda x, t: F.cross_entropy(x, t)
-    if device == "cuda":
-        liger = _liger()
-        impls["liger"] = liger if isinstance(liger, str) else (lambda x, t: liger(x, t))
+    if baselines:
+        impls["cross_entropy"] = lambda x, t: F.cross_entropy(x, t)
+        if device == "cuda":
+            impls["liger"] = _liger()
     return impls
 
 
-def _repeats(device: str, n: int, d: int, impl: str) -> tuple[int, int]:
+def _schedule(device: str, n: int, d: int, impl: str) -> tuple[int, int]:
+    """(warmup, repeats). On the CPU the reference and cross_entropy take seconds a call at the
+    big shapes: one warm-up (the peak-memory call) and 3 samples there."""
     if device == "cuda":
         return 3, 20
-    big = n * d >= 1 << 26  # the slow baselines take seconds a call there: no warm-up, 3 samples
-    return (0, 3) if big and not impl.startswith("ours") else (1, 5) if big else (2, 10)
+    if n * d < 1 << 26:
+        return 2, 10
+    return (1, 5) if impl.startswith("ours") else (1, 3)
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    shapes = (CUDA_QUICK if quick else CUDA_SHAPES) if device == "cuda" else (CPU_QUICK if quick else CPU_SHAPES)
-    copy_bw = harness.measure_copy_bandwidth(device)
-    env = harness.environment(device)
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for("spherical_loss")
-    rows = []
-    for n, d, dtype_name, kinds in shapes:
-        dtype = DTYPES[dtype_name]
-        logits = torch.randn(n, d, device=device, dtype=dtype)
-        target = torch.randint(0, d, (n,), device=device)
-        elem = logits.element_size()
-        shape_rows = []  # every kind's rows of this shape: the baselines are measured once
-        for kind in kinds:
-            case_rows = []
-            for impl, fn in _implementations(device, kind, baselines=kind == kinds[0]).items():
-                if isinstance(fn, str):
-                    case_rows.append(dict(impl=impl, pass_="fwd+bwd", note=f"skipped: {fn}"))
-                    continue
-                warmup, repeats = _repeats(device, n, d, impl)
-                x = logits.clone().requires_grad_()
+def _row(**fields) -> dict:
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(fields)
+    return row
 
-                def clear_grad(x=x):
-                    x.grad = None
 
-                for pass_, bytes_moved in (("fwd", n * d * elem), ("fwd+bwd", 2 * n * d * elem)):
-                    if pass_ == "fwd":
-                        with torch.no_grad():
-                            m = harness.measure(lambda: fn(logits, target), device=device,
-                                                warmup=warmup, repeats=repeats)
-                    else:
-                        m = harness.measure(lambda: fn(x, target).backward(), device=device,
-                                            warmup=warmup, repeats=repeats, setup=clear_grad)
-                    gbps = bytes_moved / (m.median_ms * 1e-3) / 1e9
-                    case_rows.append(dict(impl=impl, pass_=pass_, median_ms=m.median_ms, p20_ms=m.p20_ms,
-                                          p80_ms=m.p80_ms, peak_extra_mib=m.peak_extra_mib,
-                                          repeats=m.repeats, bytes_moved=bytes_moved, gbps=gbps,
-                                          fraction_of_copy_bw=gbps / copy_bw,
-                                          used_kernel=kernel if impl.startswith("ours") else None,
-                                          note=""))
-                del x
-            shape_rows += case_rows
-            _add_speedups(case_rows, shape_rows)
-            for row in case_rows:
-                rows.append(dict(family="spherical", op="spherical_loss", kind=kind, N=n, D=d,
-                                 dtype=dtype_name, device_name=env["device_name"], torch=env["torch"],
-                                 cuda=env["cuda"], commit=env["commit"], copy_gbps=copy_bw,
-                                 **{("pass" if k == "pass_" else k): v for k, v in row.items()}))
-        del logits, target
+def _measure_impl(fn, logits, target, device: str, warmup: int, repeats: int, in_place: bool) -> list[tuple]:
+    """[(pass, Measurement)] for the forward alone (no grad) and forward + backward.
+
+    Forward + backward reuses one leaf across repeats, its `.grad` cleared (untimed) before each
+    call, so every call writes a fresh gradient as a training step would.
+    `in_place`: the implementation overwrites its input (Liger writes the gradient into the
+    logits), so it gets its own copy for the forward too.
+    """
+    fwd_input = logits.clone() if in_place else logits
+    with torch.no_grad():
+        fwd = harness.measure(lambda: fn(fwd_input, target), device=device, warmup=warmup, repeats=repeats)
+    del fwd_input
+    x = logits.clone().requires_grad_()
+
+    def clear_grad():
+        x.grad = None
+
+    both = harness.measure(lambda: fn(x, target).backward(), device=device, warmup=warmup,
+                           repeats=repeats, setup=clear_grad)
+    return [("fwd", fwd), ("fwd+bwd", both)]
+
+
+def _impl_rows(impl: str, fn, logits, target, device: str, copy_gbps: float, used_kernel: bool,
+               note: str) -> list[dict]:
+    n, d = logits.shape
+    if isinstance(fn, str):
+        return [_row(impl=impl, pass_="fwd+bwd", used_kernel=False, note=f"skipped: {fn}")]
+    warmup, repeats = _schedule(device, n, d, impl)
+    try:
+        measured = _measure_impl(fn, logits, target, device, warmup, repeats, in_place=impl == "liger")
+    except RuntimeError as exc:  # out of memory included: report it, keep the other rows
+        failure = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    else:
+        failure = None
+    if failure:
         if device == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # after the except block, which kept the failed call's tensors
+        return [_row(impl=impl, pass_="fwd+bwd", used_kernel=used_kernel, note=failure)]
+    rows = []
+    for pass_, m in measured:
+        # Must-move bytes: read the logits; fwd+bwd also writes their gradient.
+        bytes_moved = (1 if pass_ == "fwd" else 2) * logits.numel() * logits.element_size()
+        gbps = bytes_moved / (m.median_ms * 1e-3) / 1e9
+        rows.append(_row(impl=impl, pass_=pass_, median_ms=m.median_ms, p20_ms=m.p20_ms, p80_ms=m.p80_ms,
+                         peak_extra_mib=m.peak_extra_mib, repeats=m.repeats, bytes_moved=bytes_moved,
+                         gbps=gbps, fraction_of_copy_bw=gbps / copy_gbps, used_kernel=used_kernel,
+                         note=note))
     return rows
 
 
 def _add_speedups(case_rows: list[dict], shape_rows: list[dict]) -> None:
-    """Speedups against cross_entropy (same shape, any kind) and this kind's reference."""
+    """Speedups against cross_entropy (same shape and pass, any kind) and this kind's reference."""
     for row in case_rows:
-        if "median_ms" not in row:
+        if row["median_ms"] is None:
             continue
         for base, pool in (("cross_entropy", shape_rows), ("reference", case_rows)):
             other = next((r for r in pool if r["impl"] == base and r["pass_"] == row["pass_"]
-                          and "median_ms" in r), None)
+                          and r["median_ms"] is not None), None)
             row[f"speedup_vs_{base}"] = other["median_ms"] / row["median_ms"] if other else None
 
 
+def _input_note(logits: torch.Tensor, device: str) -> str:
+    l2 = harness.l2_bytes(device)
+    if l2 and logits.numel() * logits.element_size() <= l2:
+        return "input fits in L2: repeats may run warm"
+    return ""
+
+
+def _shape_rows(n: int, d: int, dtype_name: str, kinds, device: str, copy_gbps: float,
+                kernel: bool) -> list[dict]:
+    """Rows of every kind and implementation at one shape."""
+    gen = torch.Generator(device).manual_seed(0)
+    logits = torch.randn(n, d, generator=gen, dtype=DTYPES[dtype_name], device=device)
+    target = torch.randint(0, d, (n,), generator=gen, device=device)
+    input_note = _input_note(logits, device)
+    ours_note = "; ".join(filter(None, [input_note, "" if kernel else "reference fallback: no compiled kernel"]))
+    shape_rows = []
+    for kind in kinds:
+        case_rows = []
+        for impl, fn in _implementations(device, kind, baselines=kind == kinds[0]).items():
+            ours = impl.startswith("ours")
+            case_rows += _impl_rows(impl, fn, logits, target, device, copy_gbps,
+                                    used_kernel=kernel if ours else False,
+                                    note=ours_note if ours else input_note)
+        for row in case_rows:
+            row.update(kind=kind, N=n, D=d, dtype=dtype_name)
+        shape_rows += case_rows
+        _add_speedups(case_rows, shape_rows)
+    return shape_rows
+
+
+def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
+    """Every row of this family on `device` (see ROW_FIELDS). `env` and `copy_gbps` are measured
+    here when not given (run.py measures them once for all families)."""
+    if device == "cuda":
+        shapes = CUDA_QUICK if quick else CUDA_SHAPES
+    else:
+        shapes = CPU_QUICK if quick else CPU_SHAPES
+    env = env or harness.environment(device)
+    copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
+    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for(OP)
+    rows = []
+    for n, d, dtype_name, kinds in shapes:
+        rows += _shape_rows(n, d, dtype_name, kinds, device, copy_gbps, kernel)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        row["pass"] = row.pop("pass_")
+        row.update(family="spherical", op=OP, device_name=env["device_name"], torch=env["torch"],
+                   cuda=env["cuda"], commit=env["commit"], copy_gbps=copy_gbps)
+    return [{k: row[k] for k in ROW_FIELDS} for row in rows]
+
+
 def acceptance(rows: list[dict], device: str) -> list[str]:
-    """The issue's acceptance figures, measured."""
-    def find(n, d, dtype, impl, pass_="fwd+bwd", kind="z"):
+    """The acceptance figures, measured: one line each, ratio vs target, MET / NOT MET."""
+    def find(n, d, dtype, impl):
         return next((r for r in rows if (r["N"], r["D"], r["dtype"], r["impl"], r["pass"], r["kind"]) ==
-                     (n, d, dtype, impl, pass_, kind) and "median_ms" in r), None)
+                     (n, d, dtype, impl, "fwd+bwd", "z") and r["median_ms"] is not None), None)
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
 
     lines = []
     if device == "cpu":
         ours = find(4096, 32768, "float32", "ours")
-        if ours:
-            for base, target in (("cross_entropy", 2.0), ("reference", 3.0)):
-                s = ours.get(f"speedup_vs_{base}")
-                if s is not None:
-                    lines.append(f"CPU 4096x32768 fp32 fwd+bwd: {s:.2f}x faster than {base} "
-                                 f"(target >= {target}x): {'MET' if s >= target else 'NOT MET'}")
+        for base, target in (("cross_entropy", 2.0), ("reference", 3.0)):
+            s = ours and ours[f"speedup_vs_{base}"]
+            if s is not None:
+                lines.append(f"CPU 4096x32768 float32 z fwd+bwd: ours {s:.2f}x faster than {base} "
+                             f"(target >= {target:g}x): {verdict(s >= target)}")
     else:
-        for impl in ("ours_unchecked", "ours"):
+        for impl in ("ours", "ours_unchecked"):
             ours = find(8192, 131072, "bfloat16", impl)
             if ours:
                 f = ours["fraction_of_copy_bw"]
-                lines.append(f"CUDA 8192x131072 bf16 fwd+bwd, {impl}: {ours['gbps']:.0f} GB/s = {f:.1%} of "
-                             f"measured copy bandwidth {ours['copy_gbps']:.0f} GB/s (target >= 80%): "
-                             f"{'MET' if f >= 0.8 else 'NOT MET'}")
+                lines.append(f"CUDA 8192x131072 bfloat16 z fwd+bwd: {impl} {ours['gbps']:.0f} GB/s = {f:.1%} "
+                             f"of measured copy bandwidth {ours['copy_gbps']:.0f} GB/s (target >= 80%): "
+                             f"{verdict(f >= 0.8)}")
     return lines
 
 

@@ -1,10 +1,16 @@
 """Timing and memory measurement shared by every family's benchmark.
 
-Times are medians over many repeats after warm-up, with 20th/80th percentiles: CUDA events on the
-GPU, `torch.utils.benchmark.Timer` (one call per sample) on the CPU. Peak extra memory is what the
-call allocates beyond what was live before it: `max_memory_allocated` on CUDA; on the CPU the peak
-resident set size sampled every 0.5 ms by a thread during one call, minus the size before it (RSS
-is the only measure that sees every allocator; the sampling can miss spikes shorter than 0.5 ms).
+Times are medians over many repeats after warm-up, with 20th/80th percentiles (nearest rank):
+CUDA events on the GPU, the standard library's `timeit` (one call per sample) on the CPU.
+
+Peak extra memory is what one call allocates beyond what was live before it (so the inputs are not
+counted): `max_memory_allocated` minus `memory_allocated` on CUDA. On the CPU a thread samples the
+resident set size (/proc/self/statm) every 0.5 ms during one call and reports the peak minus the
+size before it. RSS is the only measure that sees every allocator (torch's, MKL's, OpenMP's) and,
+unlike `getrusage().ru_maxrss`, it goes down again, so one process can measure many calls. Limits:
+spikes shorter than 0.5 ms can be missed, and memory the C allocator keeps after a free (small
+blocks, below glibc's mmap threshold of at most 32 MiB) is not seen again when it is reused; the
+large buffers these benchmarks care about are mmapped and returned on free.
 """
 from __future__ import annotations
 
@@ -14,11 +20,13 @@ import statistics
 import subprocess
 import threading
 import time
+import timeit
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.utils.benchmark as tbench
+
+_POLL_S = 0.0005
 
 
 @dataclass
@@ -30,10 +38,17 @@ class Measurement:
     repeats: int
 
 
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
 
+
+# ---------------------------------------------------------------------------------------------
+# Peak extra memory of one call
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -41,7 +56,7 @@ def _rss_bytes() -> int:
 
 
 def _cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
-    if not os.path.exists("/proc/self/statm"):
+    if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap RSS reading
         return float("nan")
     base = _rss_bytes()
     peak = base
@@ -49,9 +64,9 @@ def _cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
 
     def poll():
         nonlocal peak
-        while not done.is_set():
+        while not done.is_set():  # torch ops release the GIL, so this runs while they do
             peak = max(peak, _rss_bytes())
-            time.sleep(0.0005)
+            time.sleep(_POLL_S)
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -73,86 +88,134 @@ def _cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def _cuda_samples_ms(fn, setup, repeats: int) -> list[float]:
+    # Back to back with one sync at the end (as triton's do_bench): the host runs ahead as in
+    # training, so per-call launch overhead hides under the GPU work instead of being timed as
+    # idle GPU before every sample. `setup` runs between the events, untimed on the GPU.
+    # Inputs that fit in L2 (50 MiB on an H100) would need rotating among several input sets
+    # to avoid timing warm-cache reruns; the benchmark's shapes are all larger (see l2_bytes).
+    events = []
+    for _ in range(repeats):
+        setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def _cpu_samples_ms(fn, setup, repeats: int) -> list[float]:
+    # The standard library's timeit: one call per sample, `setup` untimed right before it, garbage
+    # collection off while timed. torch.utils.benchmark.Timer wraps this same timeit.Timer but does
+    # not fit here: its timeit(1) adds two untimed calls before every sample (tripling the cost of
+    # baselines that take seconds a call, and those calls accumulate into `.grad` without setup),
+    # blocked_autorange runs setup once per block of calls, and it defaults to one thread.
+    timer = timeit.Timer(stmt=fn, setup=setup, timer=time.perf_counter)
+    return [timer.timeit(1) * 1e3 for _ in range(repeats)]
+
+
 def measure(fn: Callable[[], object], *, device: str, warmup: int = 3, repeats: int = 20,
             setup: Callable[[], object] | None = None) -> Measurement:
-    """Time `fn` (after `setup`, untimed, before each call) and its peak extra memory."""
+    """Time `fn` and measure its peak extra memory; `setup` runs, untimed, before every call.
+
+    warmup: untimed calls before the timed ones (at least one): the first of them is the one whose
+    peak memory is measured, so the slow CPU baselines pay for no extra call.
+    """
     setup = setup or (lambda: None)
-
-    def call():
+    cuda = _is_cuda(device)
+    setup()
+    peak = _cuda_peak_extra_mib(fn) if cuda else _cpu_peak_extra_mib(fn)
+    for _ in range(warmup - 1):
         setup()
-        return fn()
-
-    for _ in range(warmup):
-        call()
-    samples = []
-    if device == "cuda":
-        # Back to back, one sync at the end (as triton's do_bench): the host runs ahead as in
-        # training, so per-call launch overhead hides under the GPU work instead of being timed
-        # as idle GPU before every sample.
-        events = []
-        for _ in range(repeats):
-            setup()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        samples = [start.elapsed_time(end) for start, end in events]
-        setup()
-        peak = _cuda_peak_extra_mib(fn)
-    else:
-        timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
-        for _ in range(repeats):
-            setup()
-            samples.append(timer.timeit(1).median * 1e3)
-        setup()
-        peak = _cpu_peak_extra_mib(fn)
-    samples.sort()
+        fn()
+    samples = sorted(_cuda_samples_ms(fn, setup, repeats) if cuda else _cpu_samples_ms(fn, setup, repeats))
     return Measurement(statistics.median(samples), _percentile(samples, 0.2),
                        _percentile(samples, 0.8), peak, repeats)
 
 
 def measure_copy_bandwidth(device: str) -> float:
-    """The device's measured memory ceiling in GB/s: a large copy, bytes read + written."""
-    numel = (1 << 30) if device == "cuda" else (256 << 20)
+    """The device's measured memory ceiling in GB/s: a large copy, bytes read + written, median.
+
+    1 GiB on CUDA (far beyond L2), 256 MiB on the CPU (far beyond the last-level cache).
+    """
+    numel = (1 << 30) if _is_cuda(device) else (256 << 20)
     src = torch.empty(numel, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    m = measure(lambda: dst.copy_(src), device=device, warmup=2, repeats=10 if device == "cuda" else 5)
+    m = measure(lambda: dst.copy_(src), device=device, warmup=2,
+                repeats=10 if _is_cuda(device) else 5)
     return 2 * numel / (m.median_ms * 1e-3) / 1e9
 
 
+def l2_bytes(device: str) -> int | None:
+    """L2 size of the GPU (inputs smaller than about this are timed warm); None on the CPU."""
+    if not _is_cuda(device):
+        return None
+    return getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment recorded with every result
+
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+    if _is_cuda(device):
+        return torch.cuda.get_device_name(torch.device(device))
+    threads = f"{torch.get_num_threads()} threads"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                    return f"{line.split(':', 1)[1].strip()} ({threads})"
     except OSError:
         pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or 'cpu'} ({threads})"
+
+
+def source_checkout() -> str | None:
+    """Root of the source checkout this package runs from, else None (an installed copy).
+
+    A checkout keeps this file in `benchmarks/` next to `python/` (an editable install maps the
+    package there; realpath follows a development symlink).
+    """
+    here = os.path.dirname(os.path.realpath(__file__))
+    root = os.path.dirname(here)
+    if os.path.basename(here) == "benchmarks" and os.path.isdir(os.path.join(root, "python", "fusedtrain")):
+        return root
+    return None
 
 
 def git_commit() -> str:
-    """Short commit of the checkout (+"-dirty"); FUSEDTRAIN_COMMIT overrides it, for copies of the
-    tree without their git history (the GPU machine gets the working tree only)."""
+    """Short commit of the checkout, "-dirty" when tracked files differ from it, else "unknown".
+
+    FUSEDTRAIN_COMMIT overrides it, for copies of the tree without their git history (a GPU
+    machine that gets the working tree only). An installed copy reports "unknown" rather than the
+    commit of whatever repository its site-packages happens to sit in.
+    """
     if os.environ.get("FUSEDTRAIN_COMMIT"):
         return os.environ["FUSEDTRAIN_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = source_checkout()
+    if root is None:
+        return "unknown"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
+        # Untracked files (new result files among them) do not make the measured code dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
-def environment(device: str) -> dict:
+def environment(device: str | None = None) -> dict:
+    """What the numbers depend on (no host name): device, versions, commit, time."""
     import fusedtrain
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "device": device,
         "device_name": device_name(device),

@@ -1,35 +1,45 @@
 """One PNG per run: median fwd+bwd time per shape and implementation (log scale)."""
 from __future__ import annotations
 
+import math
+
+
+def _case(row: dict) -> str:
+    return f"{row['N']}x{row['D']} {row['dtype']} {row['kind']}"
+
 
 def plot(rows: list[dict], path: str, title: str) -> str | None:
-    """Write the plot to `path`; returns None (and writes nothing) when matplotlib is missing."""
+    """Write the plot to `path` and return it; None (nothing written) when matplotlib is missing
+    or no fwd+bwd row was timed."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display on benchmark machines
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     timed = [r for r in rows if r.get("pass") == "fwd+bwd" and r.get("median_ms")]
-    cases = list(dict.fromkeys(f"{r['N']}x{r['D']} {r['dtype']} {r['kind']}" for r in timed))
+    if not timed:
+        return None
+    cases = list(dict.fromkeys(_case(r) for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
-    width = 0.8 / max(1, len(impls))
+    median = {(r["impl"], _case(r)): r["median_ms"] for r in timed}
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases)), 4.5))
+    width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        xs, ys = [], []
-        for j, case in enumerate(cases):
-            row = next((r for r in timed if r["impl"] == impl and
-                        f"{r['N']}x{r['D']} {r['dtype']} {r['kind']}" == case), None)
-            if row:
-                xs.append(j + i * width)
-                ys.append(row["median_ms"])
-        ax.bar(xs, ys, width, label=impl)
+        xs = [j + i * width for j, case in enumerate(cases) if (impl, case) in median]
+        ys = [median[impl, case] for case in cases if (impl, case) in median]
+        bars = ax.bar(xs, ys, width, label=impl)
+        ax.bar_label(bars, labels=[f"{y:.3g}" if y < 1000 else f"{y:.0f}" for y in ys], fontsize=6, rotation=90, padding=2)
+    # A log axis clips the bars at its lower limit: start a decade below the fastest bar so its
+    # height stays comparable with the others, and leave room above for the labels and the legend.
+    low, high = min(median.values()), max(median.values())
     ax.set_yscale("log")
-    ax.set_ylabel("fwd+bwd median (ms, log)")
+    ax.set_ylim(10 ** math.floor(math.log10(low) - 0.5), high * 30)
+    ax.set_ylabel("fwd+bwd median (ms, log scale)")
     ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))])
     ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=min(len(impls), 5), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,88 +11,116 @@ import torch
 
 from . import bench_spherical, harness, plot
 
-# family -> module with run(device, quick) -> rows and acceptance(rows, device) -> lines
+# family -> module with
+#   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
+#   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
+# A new family is one import and one entry here.
 FAMILIES = {"spherical": bench_spherical}
 
-COLUMNS = ["op", "kind", "N", "D", "dtype", "impl", "pass", "median_ms", "p20_ms", "p80_ms",
-           "peak_extra_mib", "gbps", "fraction_of_copy_bw", "speedup_vs_cross_entropy",
-           "speedup_vs_reference", "note"]
+# Columns of the printed table (the CSV and JSON hold every field).
+TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
+         ("median_ms", "median ms"), ("p20_ms", "p20"), ("p80_ms", "p80"), ("peak_extra_mib", "peak MiB"),
+         ("gbps", "GB/s"), ("fraction_of_copy_bw", "of copy"), ("speedup_vs_cross_entropy", "x CE"),
+         ("speedup_vs_reference", "x ref"), ("used_kernel", "kernel"), ("note", "note")]
 
 
 def default_out_dir() -> str:
     """benchmarks/results of a source checkout (editable install), else ./fusedtrain-bench-results."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    checkout = os.path.dirname(here)
-    if os.path.basename(here) == "benchmarks" and os.path.isdir(os.path.join(checkout, "python")):
-        return os.path.join(here, "results")
+    root = harness.source_checkout()
+    if root is not None:
+        return os.path.join(root, "benchmarks", "results")
     return os.path.abspath("fusedtrain-bench-results")
 
 
 def _fmt(value) -> str:
     if value is None or value == "":
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 
-def print_table(rows: list[dict]) -> None:
-    cells = [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table, numbers right-aligned, text left-aligned."""
+    cells = [[_fmt(r.get(key)) for key, _ in TABLE] for r in rows]
+    widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(TABLE)]
+    numeric = [all(isinstance(r.get(key), (int, float)) or r.get(key) is None for r in rows)
+               for key, _ in TABLE]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line([title for _, title in TABLE])] + [line(row) for row in cells])
 
 
-def write_outputs(family: str, device: str, rows: list[dict], env: dict, extra: dict, out_dir: str) -> list[str]:
+def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str) -> list[str]:
+    """<family>_<device>_<time>.csv/.json/.png under out_dir; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{family}_{device}_{time.strftime('%Y%m%d-%H%M%S')}")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    env = meta["environment"]
+    stem = os.path.join(out_dir, f"{family}_{env['device']}_{time.strftime('%Y%m%d-%H%M%S')}")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, **extra, "rows": rows}, f, indent=1)
+        json.dump({**meta, "rows": rows}, f, indent=1)
     written = [stem + ".csv", stem + ".json"]
-    png = plot.plot(rows, stem + ".png", f"{family} on {env['device_name']}, torch {env['torch']}, "
-                                          f"commit {env['commit']}")
-    if png:
-        written.append(png)
+    title = f"{family} on {env['device_name']}, torch {env['torch']}, commit {env['commit']}"
+    if plot.plot(rows, stem + ".png", title):
+        written.append(stem + ".png")
     else:
-        print("(matplotlib not installed: no PNG plot)")
+        print("(matplotlib is not installed: no PNG plot; `pip install matplotlib` for one)")
     return written
 
 
 def run(families: list[str] | None, device: str, quick: bool, out_dir: str | None) -> list[dict]:
+    """Run the families' benchmarks on `device`, print them, write their files; returns all rows."""
+    families = families or list(FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown benchmark families {unknown}; known: {sorted(FAMILIES)}")
     out_dir = out_dir or default_out_dir()
+    env = harness.environment(device)
+    # Measured once, first, while nothing else holds the memory system: the ceiling for GB/s.
+    copy_gbps = harness.measure_copy_bandwidth(device)
+    print(f"{env['device_name']}: torch {env['torch']}, CUDA {env['cuda']}, fusedtrain {env['fusedtrain']}, "
+          f"commit {env['commit']}; measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
     all_rows = []
-    for family in families or list(FAMILIES):
+    for family in families:
         module = FAMILIES[family]
         start = time.perf_counter()
-        rows = module.run(device, quick)
-        env = harness.environment(device)
+        rows = module.run(device, quick, env=env, copy_gbps=copy_gbps)
+        seconds = time.perf_counter() - start
         lines = module.acceptance(rows, device)
-        print(f"\n== {family} on {env['device_name']} (torch {env['torch']}, CUDA {env['cuda']}, "
-              f"commit {env['commit']}), {time.perf_counter() - start:.0f} s")
-        print_table(rows)
+        print(f"\n== {family} ({device}{', quick' if quick else ''}): {seconds:.0f} s")
+        print(format_table(rows))
         print("Acceptance:")
         for line in lines or ["(no acceptance figure at these shapes)"]:
             print("  " + line)
-        for path in write_outputs(family, device, rows, env, {"acceptance": lines, "quick": quick}, out_dir):
+        meta = {"family": family, "environment": env, "copy_bandwidth_gbps": copy_gbps, "quick": quick,
+                "seconds": seconds, "acceptance": lines}
+        for path in write_outputs(family, rows, meta, out_dir):
             print(f"wrote {path}")
         all_rows += rows
     return all_rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusedtrain bench")
+    parser = argparse.ArgumentParser(prog="python -m fusedtrain bench",
+                                     description="Benchmark fusedtrain's ops against references and peers.")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES),
                         help="benchmark only this family (repeatable); default: all")
     parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--quick", action="store_true", help="the acceptance shapes only, few repeats")
-    parser.add_argument("--out", default=None, help="output folder (default: %(default)s -> see docs)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: benchmarks/results/ of a source checkout, "
+                             "else ./fusedtrain-bench-results)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
