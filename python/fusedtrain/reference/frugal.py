@@ -224,7 +224,17 @@ class FRUGALReference(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         generator = state_dict.pop("frugal_generator", None)
+        # torch casts every state tensor of a floating param to the param's dtype: the int32
+        # indices are set aside and restored as they are (only moved to the param's device).
+        indices = {pid: s["indices"] for pid, s in state_dict["state"].items() if "indices" in s}
+        state_dict["state"] = {pid: {k: v for k, v in s.items() if k != "indices"}
+                               for pid, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for pid, idx in indices.items():
+            self.state[by_id[pid]]["indices"] = idx.to(device=by_id[pid].device, dtype=torch.int32)
         if generator is not None:
             self._generator.set_state(generator)
 
@@ -280,10 +290,12 @@ class FRUGALReference(torch.optim.Optimizer):
         k = subspace_size(group["density"], len(candidates))
         refresh = group["block_step"] // group["update_gap"]
         chosen = block_selection(len(candidates), k, refresh, group["block_order"], self._generator)
+        # An unchanged selection (density 1, say) is no new subspace: its moments are kept.
+        unchanged = all(self.state[p].get("active", False) == (i in chosen) for i, p in enumerate(candidates))
         for i, p in enumerate(candidates):
             state = self.state[p]
             active = i in chosen
-            keep = active and state.get("active", False) and not group["reset_state"]
+            keep = active and state.get("active", False) and (unchanged or not group["reset_state"])
             if not keep:  # inactive tensors hold no state; newly active ones start from zero
                 for key in ("exp_avg", "exp_avg_sq", "adam_step"):
                     state.pop(key, None)
@@ -320,7 +332,9 @@ class FRUGALReference(torch.optim.Optimizer):
             k = subspace_size(group["density"], size)
             if refresh:
                 state["indices"] = select_indices(size, k, self._generator).to(p.device)
-                if group["reset_state"] or "exp_avg" not in state:
+                # A full subspace (density 1) is the same at every refresh: no reset, so that
+                # density 1 is AdamW whatever update_gap is.
+                if k > 0 and ((group["reset_state"] and k < size) or "exp_avg" not in state):
                     self._zeros_moments(state, p, (rows, k) if proj == "columns" else (k, cols))
             if k > 0:
                 state["adam_step"] += 1
