@@ -301,6 +301,15 @@ class FRUGALReference(torch.optim.Optimizer):
                     state.pop(key, None)
             state["active"] = active
 
+    def _empties(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty placeholders for the op's unused list entries, made once per (device, dtype):
+        allocating five per tensor per step costs more host time than a GPU step."""
+        cache = self.__dict__.setdefault("_empty_cache", {})
+        key = (p.device, p.dtype)
+        if key not in cache:
+            cache[key] = (p.new_empty(0), p.new_empty(0, dtype=torch.int32))
+        return cache[key]
+
     @staticmethod
     def _zeros_moments(state: dict, like: torch.Tensor, shape) -> None:
         state["exp_avg"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -315,10 +324,9 @@ class FRUGALReference(torch.optim.Optimizer):
         refresh = state["step"] % group["update_gap"] == 0
         state["step"] += 1
         grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-        empty = p.new_empty(0)
-        work = dict(params=p, grads=grad, exp_avgs=p.new_empty(0), exp_avg_sqs=p.new_empty(0),
-                    indices=empty.new_empty(0, dtype=torch.int32), residual_bases=empty,
-                    dense_updates=empty, kinds=FREE, steps=0)
+        empty, no_indices = self._empties(p)
+        work = dict(params=p, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
+                    residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)
         proj = group["proj"]
         rows, cols = matrix_shape(p)
         if proj is None or p.dim() < 2 or (proj == "block" and state.get("active", False)):
