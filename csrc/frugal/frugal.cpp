@@ -17,38 +17,36 @@ int parse_free_update(const std::string& name) {
   return -1;  // not reached
 }
 
-std::string item(const char* list, size_t i) { return message(list, "[", i, "]"); }
+// Messages name the entry, e.g. "exp_avgs[3]"; they are built only when a check fails.
 
 // A state or work tensor of tensor i: same dtype and device as the param, contiguous, `numel`
 // elements (the moments of a projection hold only the selected part).
 void check_companion(const at::Tensor& t, const at::Tensor& param, int64_t numel, const char* list,
                      size_t i) {
-  const std::string name = item(list, i);
-  FT_CHECK_VALUE(t.defined(), name, " must be a defined tensor");
-  FT_CHECK_TYPE(t.scalar_type() == param.scalar_type(), name, " must have the dtype of params[", i,
+  FT_CHECK_VALUE(t.defined(), list, "[", i, "] must be a defined tensor");
+  FT_CHECK_TYPE(t.scalar_type() == param.scalar_type(), list, "[", i, "] must have the dtype of params[", i,
                 "] (", param.scalar_type(), "), got ", t.scalar_type());
-  FT_CHECK_VALUE(t.device() == param.device(), name, " is on ", t.device(), " but params[", i,
+  FT_CHECK_VALUE(t.device() == param.device(), list, "[", i, "] is on ", t.device(), " but params[", i,
                  "] is on ", param.device());
-  FT_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-  FT_CHECK_VALUE(t.numel() == numel, name, " must hold ", numel, " elements, got shape ", t.sizes());
+  FT_CHECK_VALUE(t.is_contiguous(), list, "[", i, "] must be contiguous");
+  FT_CHECK_VALUE(t.numel() == numel, list, "[", i, "] must hold ", numel, " elements, got shape ", t.sizes());
 }
 
 void check_indices(const at::Tensor& idx, const at::Tensor& param, int64_t limit, bool values,
                    size_t i) {
-  const std::string name = item("indices", i);
-  FT_CHECK_VALUE(idx.defined(), name, " must be a defined tensor");
-  FT_CHECK_TYPE(idx.scalar_type() == at::kInt, name, " must be int32, got ", idx.scalar_type());
-  FT_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), name, " must be a contiguous 1-D tensor, got shape ",
-                 idx.sizes());
-  FT_CHECK_VALUE(idx.device() == param.device(), name, " is on ", idx.device(), " but params[", i,
+  FT_CHECK_VALUE(idx.defined(), "indices[", i, "] must be a defined tensor");
+  FT_CHECK_TYPE(idx.scalar_type() == at::kInt, "indices[", i, "] must be int32, got ", idx.scalar_type());
+  FT_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), "indices[", i,
+                 "] must be a contiguous 1-D tensor, got shape ", idx.sizes());
+  FT_CHECK_VALUE(idx.device() == param.device(), "indices[", i, "] is on ", idx.device(), " but params[", i,
                  "] is on ", param.device());
-  FT_CHECK_VALUE(idx.numel() <= limit, name, " selects ", idx.numel(), " of only ", limit,
+  FT_CHECK_VALUE(idx.numel() <= limit, "indices[", i, "] selects ", idx.numel(), " of only ", limit,
                  " columns/rows");
   if (!values) return;
   const int32_t* p = idx.data_ptr<int32_t>();
   for (int64_t j = 0; j < idx.numel(); ++j) {
-    FT_CHECK_VALUE(p[j] >= 0 && p[j] < limit, name, " holds ", p[j], ", outside [0, ", limit, ")");
-    FT_CHECK_VALUE(j == 0 || p[j] > p[j - 1], name, " must be strictly increasing (sorted, unique)");
+    FT_CHECK_VALUE(p[j] >= 0 && p[j] < limit, "indices[", i, "] holds ", p[j], ", outside [0, ", limit, ")");
+    FT_CHECK_VALUE(j == 0 || p[j] > p[j - 1], "indices[", i, "] must be strictly increasing (sorted, unique)");
   }
 }
 
@@ -84,26 +82,27 @@ StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorL
   a.free_lr_scale = free_lr_scale;
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
-    const std::string pname = item("params", i);
-    FT_CHECK_VALUE(p.defined(), pname, " must be a defined tensor");
-    check_floating(p, pname.c_str());
-    FT_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), pname, " is ", p.scalar_type(),
-                  " but params[0] is ", params[0].scalar_type(), " (one call per dtype)");
-    FT_CHECK_VALUE(p.device() == params[0].device(), pname, " is on ", p.device(), " but params[0] is on ",
-                   params[0].device());
-    FT_CHECK_VALUE(p.is_contiguous(), pname, " must be contiguous");
+    FT_CHECK_VALUE(p.defined(), "params[", i, "] must be a defined tensor");
+    const auto dt = p.scalar_type();
+    FT_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "params[", i,
+                  "] must be float32, float64, bfloat16 or float16, got ", dt);
+    FT_CHECK_TYPE(dt == params[0].scalar_type(), "params[", i, "] is ", dt, " but params[0] is ",
+                  params[0].scalar_type(), " (one call per dtype)");
+    FT_CHECK_VALUE(p.device() == params[0].device(), "params[", i, "] is on ", p.device(),
+                   " but params[0] is on ", params[0].device());
+    FT_CHECK_VALUE(p.is_contiguous(), "params[", i, "] must be contiguous");
     const at::Tensor& g = grads[i];
-    FT_CHECK_VALUE(g.defined(), item("grads", i), " must be a defined tensor");
-    FT_CHECK_VALUE(g.layout() == at::kStrided, item("grads", i), " is sparse: FRUGAL needs dense gradients");
-    FT_CHECK_VALUE(g.sizes() == p.sizes(), item("grads", i), " must have the shape of ", pname, " ",
-                   p.sizes(), ", got ", g.sizes());
+    FT_CHECK_VALUE(g.defined(), "grads[", i, "] must be a defined tensor");
+    FT_CHECK_VALUE(g.layout() == at::kStrided, "grads[", i, "] is sparse: FRUGAL needs dense gradients");
+    FT_CHECK_VALUE(g.sizes() == p.sizes(), "grads[", i, "] must have the shape of params[", i, "] ", p.sizes(),
+                   ", got ", g.sizes());
     check_companion(g, p, p.numel(), "grads", i);
 
     const int64_t kind = kinds[i];
-    FT_CHECK_VALUE(kind >= 0 && kind < kKindCount, item("kinds", i), " must be in [0, ", int(kKindCount),
+    FT_CHECK_VALUE(kind >= 0 && kind < kKindCount, "kinds[", i, "] must be in [0, ", int(kKindCount),
                    "), got ", kind);
     const bool adam = kind == kDense || kind == kColumns || kind == kRows;
-    FT_CHECK_VALUE(!adam || steps[i] >= 1, item("steps", i), " must be >= 1 (Adam steps taken, this one included), got ",
+    FT_CHECK_VALUE(!adam || steps[i] >= 1, "steps[", i, "] must be >= 1 (Adam steps taken, this one included), got ",
                    steps[i]);
     const int64_t rows = matrix_rows(p), cols = matrix_cols(p);
     const int64_t k = indices[i].defined() ? indices[i].numel() : 0;
