@@ -373,6 +373,19 @@ def test_opcheck(needs_kernel):
     torch.library.opcheck(torch.ops.fusedtrain.frugal_step_, args)
 
 
+def test_torch_compile_fullgraph(needs_kernel):
+    case, eager = op_case("cpu", torch.float32), op_case("cpu", torch.float32)
+
+    def step(c):
+        fusedtrain.frugal_step_(**c, **HYPER)
+
+    torch.compile(step, fullgraph=True)(case)
+    step(eager)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for a, b in zip(case[key], eager[key]):
+            assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 

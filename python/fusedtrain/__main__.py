@@ -69,7 +69,33 @@ def selftest() -> int:
             ok = err < 1e-5
             failures += not ok
             print(f"{device:5s} spherical_loss kind={kind:9s} grad rel. error {err:.2e} {'ok' if ok else 'FAIL'}")
+        failures += _selftest_frugal(device)
     return 1 if failures else 0
+
+
+def _selftest_frugal(device: str) -> int:
+    """FRUGAL (fused step) against the reference optimizer in fp64: 30 steps, refreshes included."""
+    from .optim import FRUGAL
+    from .reference.frugal import FRUGALReference
+
+    failures = 0
+    for proj in ("columns", "rows", "block", "svd", "random"):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ours = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in ((48, 64), (64,))]
+        theirs = [p.clone() for p in ours]
+        opts = [cls(ps, lr=1e-2, density=0.25, proj=proj, update_gap=10, seed=0)
+                for cls, ps in ((FRUGAL, ours), (FRUGALReference, theirs))]
+        for _ in range(30):
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device) for p in ours]
+            for ps, opt in zip((ours, theirs), opts):
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                opt.step()
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, theirs))
+        ok = err < 1e-10
+        failures += not ok
+        print(f"{device:5s} FRUGAL proj={proj:8s} rel. error vs reference {err:.2e} {'ok' if ok else 'FAIL'}")
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:
