@@ -2,7 +2,7 @@
 // apply). The host writes a table of tensors and a list of block tasks (a tensor and a range of its
 // rows or elements) into one pinned buffer, copies it to the device on the current stream, and each
 // block runs one task. p and g are read and p written once; the moments only for the selected part.
-//   dense / free / residual: element ranges, a grid-stride loop per block.
+//   dense / free / residual: element ranges; each thread keeps kUnroll elements in flight.
 //   rows:    per row, a binary search of the sorted selected rows picks AdamW or the free update.
 //   columns: the block marks the selected columns in a shared-memory bitmask once, then per row
 //            the free update skips marked columns while AdamW walks the selected ones (disjoint
@@ -56,19 +56,60 @@ struct Task {
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+constexpr int kUnroll = 4;  // elements per thread in flight
+
+// Runs load(i) then store(i, values) for i in [begin, end) over the block's threads, kUnroll
+// elements per thread at a time with every load of a round issued before its first store: the
+// tensors' pointers may alias as far as the compiler knows, so it would not hoist them itself.
+// Coalesced: a round's u-th elements of consecutive threads are consecutive.
+template <typename Load, typename Store>
+__device__ __forceinline__ void unrolled_range(int64_t begin, int64_t end, Load load, Store store) {
+  using Values = decltype(load(int64_t(0)));
+  for (int64_t first = begin + threadIdx.x; first < end; first += int64_t(kUnroll) * kThreads) {
+    Values values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = first + int64_t(u) * kThreads;
+      if (i < end) values[u] = load(i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = first + int64_t(u) * kThreads;
+      if (i < end) store(i, values[u]);
+    }
+  }
+}
+
+template <typename acc>
+struct Pair { acc w, g; };
+template <typename acc>
+struct Quad { acc w, g, a, b; };  // (m, v) for AdamW, (base, update) for the residual
+
+// AdamW on elements [begin, end) of the tensor, whose moments sit at `state_offset` + the same
+// relative position (a selected row's moments are row j of the (k, cols) state).
 template <typename scalar_t>
-__device__ __forceinline__ void adam_at(const TensorMeta<scalar_t>& T, int64_t e, int64_t s) {
+__device__ __forceinline__ void adam_range(const TensorMeta<scalar_t>& T, int64_t begin, int64_t end,
+                                           int64_t state_shift) {
   using acc = acc_t<scalar_t>;
-  acc m = static_cast<acc>(T.m[s]), v = static_cast<acc>(T.v[s]);
-  T.w[e] = static_cast<scalar_t>(adam_coordinate<acc>(static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e]), m, v, T.s));
-  T.m[s] = static_cast<scalar_t>(m);
-  T.v[s] = static_cast<scalar_t>(v);
+  unrolled_range(
+      begin, end,
+      [&](int64_t e) {
+        return Quad<acc>{static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e]),
+                         static_cast<acc>(T.m[e + state_shift]), static_cast<acc>(T.v[e + state_shift])};
+      },
+      [&](int64_t e, Quad<acc> q) {
+        T.w[e] = static_cast<scalar_t>(adam_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
+        T.m[e + state_shift] = static_cast<scalar_t>(q.a);
+        T.v[e + state_shift] = static_cast<scalar_t>(q.b);
+      });
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ void free_at(const TensorMeta<scalar_t>& T, int64_t e) {
+__device__ __forceinline__ void free_range(const TensorMeta<scalar_t>& T, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
-  T.w[e] = static_cast<scalar_t>(free_coordinate<acc>(static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e]), T.s));
+  unrolled_range(
+      begin, end, [&](int64_t e) { return Pair<acc>{static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e])}; },
+      [&](int64_t e, Pair<acc> p) { T.w[e] = static_cast<scalar_t>(free_coordinate<acc>(p.w, p.g, T.s)); });
 }
 
 template <typename scalar_t>
@@ -81,16 +122,21 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = T.cols;
   switch (T.kind) {
     case kDense:
-      for (int64_t e = task.begin + threadIdx.x; e < task.end; e += kThreads) adam_at(T, e, e);
+      adam_range(T, task.begin, task.end, 0);
       break;
     case kFree:
-      for (int64_t e = task.begin + threadIdx.x; e < task.end; e += kThreads) free_at(T, e);
+      free_range(T, task.begin, task.end);
       break;
     case kResidual:
-      for (int64_t e = task.begin + threadIdx.x; e < task.end; e += kThreads)
-        T.w[e] = static_cast<scalar_t>(residual_coordinate<acc>(
-            static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e]), static_cast<acc>(T.base[e]),
-            static_cast<acc>(T.update[e]), T.s));
+      unrolled_range(
+          task.begin, task.end,
+          [&](int64_t e) {
+            return Quad<acc>{static_cast<acc>(T.w[e]), static_cast<acc>(T.g[e]), static_cast<acc>(T.base[e]),
+                             static_cast<acc>(T.update[e])};
+          },
+          [&](int64_t e, Quad<acc> q) {
+            T.w[e] = static_cast<scalar_t>(residual_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
+          });
       break;
     case kRows:
       for (int64_t r = task.begin; r < task.end; ++r) {
@@ -99,11 +145,8 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t mid = (lo + hi) / 2;
           if (T.idx[mid] < r) lo = mid + 1; else hi = mid;
         }
-        const bool selected = lo < T.k && T.idx[lo] == r;
-        for (int64_t c = threadIdx.x; c < n; c += kThreads) {
-          if (selected) adam_at(T, r * n + c, lo * n + c);
-          else free_at(T, r * n + c);
-        }
+        if (lo < T.k && T.idx[lo] == r) adam_range(T, r * n, (r + 1) * n, (lo - r) * n);
+        else free_range(T, r * n, (r + 1) * n);
       }
       break;
     case kColumns: {
@@ -115,13 +158,37 @@ __global__ void __launch_bounds__(kThreads)
         if (c >= 0 && c < n) atomicOr(&column_mask[c >> 5], 1u << (c & 31));
       }
       __syncthreads();
+      // Per row: the free update on the unmarked columns and AdamW on the selected ones touch
+      // disjoint elements, so the two loops need no barrier between them.
       for (int64_t r = task.begin; r < task.end; ++r) {
-        for (int64_t c = threadIdx.x; c < n; c += kThreads)
-          if (!((column_mask[c >> 5] >> (c & 31)) & 1u)) free_at(T, r * n + c);
-        for (int64_t j = threadIdx.x; j < T.k; j += kThreads) {
-          const int32_t c = T.idx[j];
-          if (c >= 0 && c < n) adam_at(T, r * n + c, r * T.k + j);
-        }
+        const int64_t row = r * n;
+        unrolled_range(
+            int64_t(0), n,
+            [&](int64_t c) {
+              const bool selected = (column_mask[c >> 5] >> (c & 31)) & 1u;
+              return selected ? Pair<acc>{acc(0), acc(0)}
+                              : Pair<acc>{static_cast<acc>(T.w[row + c]), static_cast<acc>(T.g[row + c])};
+            },
+            [&](int64_t c, Pair<acc> p) {
+              if (!((column_mask[c >> 5] >> (c & 31)) & 1u))
+                T.w[row + c] = static_cast<scalar_t>(free_coordinate<acc>(p.w, p.g, T.s));
+            });
+        unrolled_range(
+            int64_t(0), T.k,
+            [&](int64_t j) {
+              const int32_t c = T.idx[j];
+              const bool valid = c >= 0 && c < n;  // out-of-range indices are skipped, never followed
+              const int64_t e = row + (valid ? c : 0);
+              return Quad<acc>{valid ? static_cast<acc>(T.w[e]) : acc(0), valid ? static_cast<acc>(T.g[e]) : acc(0),
+                               static_cast<acc>(T.m[r * T.k + j]), static_cast<acc>(T.v[r * T.k + j])};
+            },
+            [&](int64_t j, Quad<acc> q) {
+              const int32_t c = T.idx[j];
+              if (c < 0 || c >= n) return;
+              T.w[row + c] = static_cast<scalar_t>(adam_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
+              T.m[r * T.k + j] = static_cast<scalar_t>(q.a);
+              T.v[r * T.k + j] = static_cast<scalar_t>(q.b);
+            });
       }
       break;
     }
