@@ -461,3 +461,24 @@ def test_cpu_and_cuda_agree(proj):
     run_stream(FRUGAL, gpu, grads, **kw)
     for a, b in zip(gpu, cpu):
         assert max_rel(a, b) < 1e-10
+
+
+@pytest.mark.slow
+def test_example_trains(capsys):
+    """examples/frugal_train.py runs and both optimizers learn (loss well below uniform)."""
+    import pathlib
+    import runpy
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "frugal_train.py"
+    argv = sys.argv
+    sys.argv = [str(path), "--steps", "40", "--device", "cpu", "--d-model", "32", "--layers", "1",
+                "--context", "16", "--batch", "16"]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    finals = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[-2:]}
+    assert set(finals) == {"frugal", "adamw"}
+    assert all(loss < math.log(64) - 0.5 for loss in finals.values()), out
