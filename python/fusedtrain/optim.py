@@ -4,7 +4,11 @@
 for those coordinates only), state-free signSGD on the rest, so every update is full rank while the
 optimizer state is about ρ of AdamW's. Its step is one call of the fused op per (device, dtype) of
 a param group: every tensor of the group in one `at::parallel_for` (CPU) or one multi-tensor launch
-(CUDA), reading p and g once and the moments only where they exist.
+(CUDA), reading p and g once and the moments only where they exist. The svd/random projections
+add matrix products (BLAS/cuBLAS) per tensor and then one fused element-wise pass per tensor.
+
+Not supported: CUDA graph capture of the step (the step counters and subspace bookkeeping are on
+the host), sparse gradients, complex parameters, a tensor learning rate.
 """
 from __future__ import annotations
 

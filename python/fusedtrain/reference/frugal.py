@@ -261,17 +261,23 @@ class FRUGALReference(torch.optim.Optimizer):
         if group["proj"] == "block" and group["block_step"] % group["update_gap"] == 0:
             self._refresh_blocks(group)
         group["block_step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                     weight_decay=float(group["weight_decay"]), free_update=group["free_update"],
+                     free_lr_scale=float(group["free_lr_scale"]))
         buckets = defaultdict(lambda: defaultdict(list))
         for p in params:
             work = self._prepare(p, group)
+            if work["kinds"] == RESIDUAL:
+                # Applied at once: its two param-size temporaries are freed before the next
+                # tensor's are made (peak memory of one tensor's, not the whole group's).
+                self._apply({key: [value] for key, value in work.items()}, **hyper)
+                continue
             bucket = buckets[(p.device, p.dtype)]
             for key, value in work.items():
                 bucket[key].append(value)
-        beta1, beta2 = group["betas"]
-        for bucket in buckets.values():
-            self._apply(bucket, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                        free_update=group["free_update"], free_lr_scale=float(group["free_lr_scale"]))
+        for bucket in buckets.values():  # one fused call per (device, dtype)
+            self._apply(bucket, **hyper)
 
     def _apply(self, bucket: dict, **hyper) -> None:
         params = bucket["params"]
