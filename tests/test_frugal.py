@@ -482,3 +482,17 @@ def test_example_trains(capsys):
     finals = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[-2:]}
     assert set(finals) == {"frugal", "adamw"}
     assert all(loss < math.log(64) - 0.5 for loss in finals.values()), out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_column_limit_is_an_error():
+    """The CUDA column path keeps a bitmask of the columns in shared memory (at most 393216
+    columns): wider tensors are refused with a clear error, never run wrong."""
+    if not kernel_built("cuda"):
+        pytest.skip("no CUDA kernel in this build")
+    p = torch.zeros(1, 400_000, device="cuda")
+    idx = torch.tensor([0, 5], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"params\[0\] has 400000 columns"):
+        fusedtrain.frugal_step_([p], [torch.ones_like(p)], [torch.zeros(1, 2, device="cuda")],
+                                [torch.zeros(1, 2, device="cuda")], [idx], [ref.COLUMNS], [1], **HYPER)
