@@ -1,8 +1,9 @@
 // CPU kernel of the fused FRUGAL step: one at::parallel_for over every tensor of the call, cut into
 // chunks of whole rows, so small and large tensors share the threads evenly. Each element is read
 // and written once (p, g) and the moments only for the selected coordinates. A column projection
-// updates a row in two passes while the row is in L1: the state-free update of the whole row
-// (a vectorizable loop), then AdamW on the selected columns from the weights saved before it.
+// updates a row while it is in L1: the selected weights and gradients are gathered into a
+// contiguous buffer, the state-free update runs over the whole row, AdamW over the buffer (both
+// vectorized), and the buffer is scattered back.
 #include "frugal.h"
 #include "../common/cpu_utils.h"
 #include "../common/dispatch.h"
