@@ -160,7 +160,7 @@ def test_fp32_kernel_against_fp64_reference(device, needs_kernel, proj):
     run_stream(FRUGAL, ours, grads, **kw)
     run_stream(FRUGALReference, theirs, grads, **kw)
     for a, b in zip(ours, theirs):
-        assert max_rel(a, b) < 1e-5  # measured ~1e-7
+        assert max_rel(a, b) < 1e-5  # measured <= 3e-6 (fp32 rounding of the gradients and of Adam)
 
 
 @pytest.mark.parametrize("proj", ["columns", "svd"])
