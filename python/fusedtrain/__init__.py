@@ -6,5 +6,7 @@ from ._version import __version__
 from . import reference
 from .spherical import spherical_loss
 from . import nn
+from . import optim
+from .optim import frugal_step_
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference"]
+__all__ = ["__version__", "spherical_loss", "nn", "reference", "optim", "frugal_step_"]
