@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csc(const at::Tensor& row_ptr, co
   // and so the sums, are the same on every run.
   auto perm = std::get<1>(at::sort(col, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto per_row = at::sub(row_ptr.slice(0, 1), row_ptr.slice(0, 0, B));
-  auto token_of_entry = at::repeat_interleave(per_row, nnz);
+  auto token_of_entry = at::repeat_interleave(per_row, std::optional<int64_t>(nnz));  // row of each entry
   auto token = token_of_entry.index_select(0, perm);
   auto col_ptr = offsets_from_counts(at::bincount(col, c10::nullopt, num_cols).slice(0, 0, num_cols));
   return {col_ptr, perm, token};
@@ -278,13 +278,6 @@ std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const 
 }  // namespace sae
 }  // namespace fusedtrain
 
-namespace {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sae_csc_composite(const at::Tensor& row_ptr,
-                                                                 const at::Tensor& col, int64_t num_cols) {
-  return fusedtrain::sae::csc(row_ptr, col, num_cols);
-}
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
   m.def("sae_topk_select(Tensor pre, int k) -> (Tensor values, Tensor indices)");
   m.def(
@@ -301,7 +294,3 @@ TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
       "-> (Tensor out, Tensor coef_sum)");
 }
 
-// Built from ATen ops only (a stable sort and a histogram): one implementation for every device.
-TORCH_LIBRARY_IMPL(fusedtrain, CompositeExplicitAutograd, m) {
-  m.impl("_sae_csc", &sae_csc_composite);
-}

@@ -426,4 +426,5 @@ TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
   m.impl("sae_gather_rows", &fusedtrain::sae::sae_gather_rows_cpu);
   m.impl("_sae_sampled_dot", &fusedtrain::sae::sae_sampled_dot_cpu);
   m.impl("_sae_segment_sum", &fusedtrain::sae::sae_segment_sum_cpu);
+  m.impl("_sae_csc", &fusedtrain::sae::csc);  // ATen ops only: the same code on every device
 }

@@ -6,5 +6,6 @@ from ._version import __version__
 from . import reference
 from .spherical import spherical_loss
 from . import nn
+from . import sae
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference"]
+__all__ = ["__version__", "spherical_loss", "nn", "reference", "sae"]
