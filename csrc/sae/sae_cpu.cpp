@@ -6,10 +6,13 @@
 // Decode and the backward products touch the kept entries only, accumulating in fp32 (fp64 for
 // fp64), and aggregate per feature in a fixed order (deterministic).
 #include "sae.h"
+#include "../common/checks.h"
 #include "../common/cpu_utils.h"
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -120,18 +123,35 @@ void column_cutoff_impl(const at::Tensor& pre, int64_t m, const at::Tensor& cut_
     std::fill(out_i, out_i + F, int64_t(-1));
     return;
   }
-  constexpr int64_t kBlock = 16;
+  // 256 adjacent features a block: 1 KiB of each fp32 row, so rows stream through the
+  // prefetchers instead of touching one cache line per 64 KiB. A positive entry passes a
+  // selector's filter iff it beats its threshold (-inf until the buffer first fills), kept here
+  // in a flat array so the common case is one vectorizable comparison per entry.
+  constexpr int64_t kBlock = 256;
   const int64_t blocks = (F + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<TopSelector<acc>> sel(kBlock);
+    acc thr[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t f0 = blk * kBlock, width = std::min(kBlock, F - f0);
-      for (int64_t c = 0; c < width; ++c) sel[c].reset(std::min(m, B));
+      for (int64_t c = 0; c < width; ++c) {
+        sel[c].reset(std::min(m, B));
+        thr[c] = acc(0);  // only positive entries compete
+      }
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* row = p + b * stride + f0;
-        for (int64_t c = 0; c < width; ++c) {
-          const acc v = static_cast<acc>(row[c]);
-          if (v > acc(0) && sel[c].wants(v)) sel[c].push(v, b);
+        for (int64_t c0 = 0; c0 < width; c0 += 16) {
+          const int64_t c1 = std::min(width, c0 + 16);
+          bool any = false;
+          for (int64_t c = c0; c < c1; ++c) any |= static_cast<acc>(row[c]) > thr[c];
+          if (!any) continue;
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc v = static_cast<acc>(row[c]);
+            if (v > thr[c]) {
+              sel[c].push(v, b);
+              thr[c] = std::max(sel[c].threshold, acc(0));
+            }
+          }
         }
       }
       for (int64_t c = 0; c < width; ++c) {
@@ -175,8 +195,9 @@ void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor&
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* row = p + b * stride;
       for (int64_t f = 0; f < F; ++f) {
+        // Branch-free: the sign of N(0, 1)-like data is a coin flip no predictor learns.
         const acc v = static_cast<acc>(row[f]);
-        if (v > acc(0)) ++h[radix_bucket(v)];
+        h[radix_bucket(v) & (kRadixBuckets - 1)] += static_cast<int64_t>(v > acc(0));
       }
     }
   });
@@ -203,12 +224,13 @@ void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor&
       const scalar_t* row = p + b * stride;
       for (int64_t f = 0; f < F; ++f) {
         const acc v = static_cast<acc>(row[f]);
-        if (v > acc(0) && static_cast<int>(radix_bucket(v)) == bucket) local.push_back({v, b * F + f});
+        if ((v > acc(0)) & (static_cast<int>(radix_bucket(v)) == bucket)) local.push_back({v, b * F + f});
       }
     }
     std::lock_guard<std::mutex> guard(lock);
     candidates.insert(candidates.end(), local.begin(), local.end());
   });
+  FT_CHECK(static_cast<int64_t>(candidates.size()) >= need, "mutual choice: radix select lost entries");
   std::nth_element(candidates.begin(), candidates.begin() + (need - 1), candidates.end(),
                    TopSelector<acc>::better);
   out_v[0] = candidates[need - 1].key;
@@ -220,31 +242,66 @@ void global_cutoff_cpu(const at::Tensor& pre, int64_t budget, const at::Tensor& 
                                [&] { global_cutoff_impl<scalar_t>(pre, budget, value, index); });
 }
 
-// Visits the kept entries of rows [begin, end) in order; `fn(b, f, v)`.
-template <typename scalar_t, typename Fn>
-FT_ALWAYS_INLINE void for_each_kept(const Cutoffs& c, int64_t begin, int64_t end, Fn&& fn) {
+// The cutoff predicate `kept` (sae_math.h), rearranged for speed: with tp = max(T, 0),
+// kept(v) = v > tp, or v == tp > 0 with a tie index <= L. Chunks of 16 entries are tested with
+// branch-free comparisons (vectorized); only chunks holding a kept or tied entry are walked.
+template <typename scalar_t>
+struct KeptScan {
   using acc = acc_t<scalar_t>;
-  const int64_t F = c.pre.size(1), stride = c.pre.stride(0);
-  const scalar_t* p = c.pre.const_data_ptr<scalar_t>();
-  const acc* T = c.value.const_data_ptr<acc>();
-  const int64_t* L = c.index.const_data_ptr<int64_t>();
-  const bool shared = c.value.numel() == 1;
-  for (int64_t b = begin; b < end; ++b) {
-    const scalar_t* row = p + b * stride;
+  const scalar_t* p;
+  int64_t F, stride;
+  std::vector<acc> tp;   // F entries (broadcast when the cutoff is shared)
+  std::vector<int64_t> L;
+  bool flat;
+
+  explicit KeptScan(const Cutoffs& c)
+      : p(c.pre.const_data_ptr<scalar_t>()), F(c.pre.size(1)), stride(c.pre.stride(0)), tp(F), L(F),
+        flat(c.flat) {
+    const acc* T = c.value.const_data_ptr<acc>();
+    const int64_t* Li = c.index.const_data_ptr<int64_t>();
+    const bool shared = c.value.numel() == 1;
     for (int64_t f = 0; f < F; ++f) {
-      const acc v = static_cast<acc>(row[f]);
-      const int64_t j = shared ? 0 : f;
-      if (kept(v, T[j], c.flat ? b * F + f : b, L[j])) fn(b, f, row[f]);
+      tp[f] = std::max(T[shared ? 0 : f], acc(0));
+      L[f] = Li[shared ? 0 : f];
     }
   }
-}
+
+  FT_ALWAYS_INLINE bool kept_at(int64_t b, int64_t f, acc v) const {
+    return kept(v, tp[f], flat ? b * F + f : b, L[f]);
+  }
+
+  // Calls fn(f, value) for every kept entry of row b, in feature order.
+  template <typename Fn>
+  FT_ALWAYS_INLINE void row(int64_t b, Fn&& fn) const {
+    const scalar_t* r = p + b * stride;
+    const acc* t = tp.data();
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16) {
+      bool any = false;
+      for (int j = 0; j < 16; ++j) any |= static_cast<acc>(r[f + j]) >= t[f + j];
+      if (!any) continue;
+      for (int j = 0; j < 16; ++j) {
+        const acc v = static_cast<acc>(r[f + j]);
+        if (kept_at(b, f + j, v)) fn(f + j, r[f + j]);
+      }
+    }
+    for (; f < F; ++f) {
+      const acc v = static_cast<acc>(r[f]);
+      if (kept_at(b, f, v)) fn(f, r[f]);
+    }
+  }
+};
 
 void count_kept_cpu(const Cutoffs& c, const at::Tensor& counts) {
   int64_t* out = counts.data_ptr<int64_t>();
   FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_count_kept_cpu", [&] {
+    const KeptScan<scalar_t> scan(c);
     at::parallel_for(0, c.pre.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) out[b] = 0;
-      for_each_kept<scalar_t>(c, begin, end, [&](int64_t b, int64_t, scalar_t) { ++out[b]; });
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t n = 0;
+        scan.row(b, [&](int64_t, scalar_t) { ++n; });
+        out[b] = n;
+      }
     });
   });
 }
@@ -255,17 +312,58 @@ void fill_kept_cpu(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tensor
   const int64_t nnz = feature.numel();
   FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_fill_kept_cpu", [&] {
     scalar_t* val = value.data_ptr<scalar_t>();
+    const KeptScan<scalar_t> scan(c);
     at::parallel_for(0, c.pre.size(0), 1, [&](int64_t begin, int64_t end) {
-      int64_t pos = rp[begin];
-      for_each_kept<scalar_t>(c, begin, end, [&](int64_t b, int64_t f, scalar_t v) {
-        if (pos < nnz) {  // the count pass sized the output; never write past it
-          feat[pos] = f;
-          val[pos] = v;
-        }
-        ++pos;
-      });
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t pos = rp[b];
+        scan.row(b, [&](int64_t f, scalar_t v) {
+          if (pos < nnz) {  // the count pass sized the output; never write past it
+            feat[pos] = f;
+            val[pos] = v;
+          }
+          ++pos;
+        });
+      }
     });
   });
+}
+
+// CSC of a CSR by counting sort: entries of each feature in token order (deterministic).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_cpu(const at::Tensor& row_ptr_in, const at::Tensor& col_in,
+                                                       int64_t num_cols) {
+  FT_CHECK_VALUE(row_ptr_in.dim() == 1 && row_ptr_in.size(0) >= 1 && row_ptr_in.scalar_type() == at::kLong &&
+                     col_in.dim() == 1 && col_in.scalar_type() == at::kLong,
+                 "row_ptr and feature must be 1-D int64 tensors");
+  FT_CHECK_VALUE(num_cols >= 0, "num_cols must be >= 0, got ", num_cols);
+  auto row_ptr = row_ptr_in.contiguous();
+  auto col = col_in.contiguous();
+  const int64_t B = row_ptr.size(0) - 1, nnz = col.size(0);
+  auto col_ptr = at::zeros({num_cols + 1}, col.options());
+  auto perm = at::empty({nnz}, col.options());
+  auto token = at::empty({nnz}, col.options());
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cl = col.const_data_ptr<int64_t>();
+  int64_t* cp = col_ptr.data_ptr<int64_t>();
+  int64_t* pm = perm.data_ptr<int64_t>();
+  int64_t* tk = token.data_ptr<int64_t>();
+  for (int64_t j = 0; j < nnz; ++j) {
+    FT_CHECK_VALUE(cl[j] >= 0 && cl[j] < num_cols, "feature holds indices outside [0, ", num_cols, ")");
+    ++cp[cl[j] + 1];
+  }
+  for (int64_t f = 0; f < num_cols; ++f) cp[f + 1] += cp[f];
+  std::vector<int64_t> next(cp, cp + std::max<int64_t>(num_cols, 1));
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t lo, hi;
+    lo = std::min(std::max<int64_t>(rp[b], 0), nnz);
+    hi = std::min(std::max<int64_t>(rp[b + 1], lo), nnz);
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t pos = next[cl[j]]++;
+      pm[pos] = j;
+      tk[pos] = b;
+    }
+  }
+  FT_CHECK_VALUE(B >= 0 && rp[0] == 0 && rp[B] == nnz, "row_ptr must run from 0 to nnz = ", nnz);
+  return {col_ptr, perm, token};
 }
 
 // Entries [lo, hi) of row b, clamped so a malformed row_ptr cannot index out of bounds.
@@ -426,5 +524,5 @@ TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
   m.impl("sae_gather_rows", &fusedtrain::sae::sae_gather_rows_cpu);
   m.impl("_sae_sampled_dot", &fusedtrain::sae::sae_sampled_dot_cpu);
   m.impl("_sae_segment_sum", &fusedtrain::sae::sae_segment_sum_cpu);
-  m.impl("_sae_csc", &fusedtrain::sae::csc);  // ATen ops only: the same code on every device
+  m.impl("_sae_csc", &fusedtrain::sae::csc_cpu);
 }
