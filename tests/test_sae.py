@@ -71,6 +71,7 @@ def test_routings_match_reference(device, dtype, shape, ties):
     theta = torch.rand(F, device=device, dtype=dtype)
     assert_csr_equal(sae.threshold_route(pre, theta), reference_csr(pre, "threshold", None, theta))
     assert_csr_equal(sae.threshold_route(pre, 0.5), reference_csr(pre, "threshold", None, 0.5))
+    assert_csr_equal(sae.threshold_route(pre, 0.3), reference_csr(pre, "threshold", None, 0.3))
     assert_csr_equal(sae.threshold_route(pre, -1.0), reference_csr(pre, "threshold", None, -1.0))
 
 

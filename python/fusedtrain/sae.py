@@ -98,7 +98,9 @@ def _routing_param(routing: str, k, m, budget, batch: int, num_latents: int) -> 
 
 def _check_theta(theta, pre: torch.Tensor) -> torch.Tensor:
     if isinstance(theta, (int, float)) and not isinstance(theta, bool):
-        return torch.tensor(float(theta), dtype=pre.dtype, device=pre.device)
+        # Not rounded to pre's dtype: the kernels compare in the accumulate type (fp32, fp64 for fp64).
+        acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
+        return torch.tensor(float(theta), dtype=acc, device=pre.device)
     if not isinstance(theta, torch.Tensor):
         raise TypeError(f"theta must be a float or a tensor, got {type(theta).__name__}")
     F = pre.shape[1]
@@ -534,8 +536,7 @@ class SparseAutoencoder(nn.Module):
 
     def _encode_with_cutoff(self, x: torch.Tensor):
         if self._uses_threshold():
-            theta = self.threshold.to(x.dtype)
-            return _encode(x, self.W_enc, self.b_enc, self.b_dec, "threshold", 0, theta)[0], None
+            return _encode(x, self.W_enc, self.b_enc, self.b_dec, "threshold", 0, self.threshold)[0], None
         _check_encoder(x, self.W_enc, self.b_enc, self.b_dec)
         param = _routing_param(self.routing, self.k, self.m, None, x.shape[0], self.num_latents)
         return _encode(x, self.W_enc, self.b_enc, self.b_dec, self.routing, param)

@@ -49,8 +49,9 @@ def mutual_choice_mask(pre: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def threshold_mask(pre: torch.Tensor, theta) -> torch.Tensor:
-    theta = torch.as_tensor(theta, dtype=pre.dtype, device=pre.device)
-    return (pre > theta) & (pre > 0)
+    """pre > θ (and > 0), compared in float64: θ is not rounded to pre's dtype."""
+    theta = torch.as_tensor(theta, dtype=torch.float64, device=pre.device)
+    return (pre.double() > theta) & (pre > 0)
 
 
 def route_mask(pre: torch.Tensor, routing: str, k: int | None = None, theta=None) -> torch.Tensor:
