@@ -13,6 +13,8 @@ import torch
 import fusedtrain
 from fusedtrain.reference.spherical import spherical_loss as reference
 
+import sanitizer_cases_sae
+
 
 def spherical_case(n: int, d: int, dtype: torch.dtype, kind: str, reduction: str, *,
                    offset: int = 0, row_stride: int | None = None, ignore_some: bool = True) -> None:
@@ -58,6 +60,7 @@ def main(small: bool) -> None:
     except ValueError:
         pass
     torch.cuda.synchronize()
+    sanitizer_cases_sae.main(small)
     print("sanitizer cases passed")
 
 

@@ -52,6 +52,7 @@ def bench(argv: list[str]) -> int:
 def selftest() -> int:
     """A fast end-to-end check on every available device: forward + backward against the reference."""
     from .reference.spherical import spherical_loss as reference
+    from .sae import _selftest as _sae_selftest
     from .spherical import spherical_loss
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -69,6 +70,9 @@ def selftest() -> int:
             ok = err < 1e-5
             failures += not ok
             print(f"{device:5s} spherical_loss kind={kind:9s} grad rel. error {err:.2e} {'ok' if ok else 'FAIL'}")
+        for label, err in _sae_selftest(device):  # float64 step vs the dense reference
+            failures += not err < 1e-9
+            print(f"{device:5s} {label} grad rel. error {err:.2e} {'ok' if err < 1e-9 else 'FAIL'}")
     return 1 if failures else 0
 
 
