@@ -83,6 +83,20 @@ def test_topk_dense_form_matches_torch_topk(device):
     assert torch.equal(out.top_acts, values.relu())
 
 
+def test_routings_equal_torch_topk_without_ties(device):
+    """The acceptance wording: TopK = row torch.topk, feature choice = column torch.topk, mutual
+    choice = flattened torch.topk (positive entries; distinct values, so no tie order matters)."""
+    B, F = 50, 70
+    pre = make_pre(B, F, device, torch.float64)
+    for acts, dim, n in ((sae.topk_route(pre, 6), 1, 6), (sae.feature_choice_route(pre, 4), 0, 4)):
+        mask = torch.zeros_like(pre, dtype=torch.bool).scatter(dim, pre.topk(n, dim=dim).indices, True)
+        torch.testing.assert_close(acts.to_dense(F), pre * (mask & (pre > 0)), rtol=0, atol=0)
+    flat = torch.zeros(B * F, dtype=torch.bool, device=device)
+    flat[pre.reshape(-1).topk(300).indices] = True
+    expected = pre * (flat.reshape(B, F) & (pre > 0))
+    torch.testing.assert_close(sae.mutual_choice_route(pre, 300).to_dense(F), expected, rtol=0, atol=0)
+
+
 def test_topk_dense_ties_and_padding(device):
     pre = make_pre(20, 30, device, torch.float32, ties=True)
     pre[3] = -1.0  # no positive entry: padded with zero values at the smallest indices
@@ -288,6 +302,29 @@ def test_torch_compile_decode(device, needs_kernels):
     step(value, W).backward()
     torch.testing.assert_close(g_value, value.grad)
     torch.testing.assert_close(g_W, W.grad)
+
+
+@pytest.mark.parametrize("routing,param", [("topk", 4), ("feature_choice", 2), ("mutual_choice", 100)])
+def test_torch_compile_fused_step(device, needs_kernels, routing, param):
+    """The whole fused step under torch.compile(fullgraph=True): the routing's output size depends on
+    the data, which dynamo captures with capture_dynamic_output_shape_ops."""
+    params = [p.requires_grad_() for p in make_sae(32, 16, 64, device, torch.float32)]
+    x, W_enc, b_enc, b_dec, W_dec = params
+
+    def step(x, W_enc, b_enc, b_dec, W_dec):
+        acts = sae._encode(x, W_enc, b_enc, b_dec, routing, param)[0]
+        return (sae.sparse_decode(acts, W_dec, b_dec, check_indices=False) - x).pow(2).sum()
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*params)
+    loss.backward()
+    compiled_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.testing.assert_close(loss, step(*params))
+    step(*params).backward()
+    for a, p in zip(compiled_grads, params):
+        torch.testing.assert_close(a, p.grad)
 
 
 def test_torch_compile_topk_dense(device, needs_kernels):
