@@ -33,29 +33,60 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxTopK = 1024;  // TopK entries sorted in shared memory per row
 
-template <typename acc> struct KeyOf;
-template <> struct KeyOf<float> { using type = uint32_t; };
-template <> struct KeyOf<double> { using type = uint64_t; };
+// Order-preserving unsigned keys, on the scalar type's own bits: 16-bit keys for bf16/fp16 (two
+// 8-bit radix passes instead of four), 32 for fp32, 64 for fp64. NaN maps to -inf (as rank_key)
+// and -0 to +0 (equal values, equal keys: ties then go by index, as on the CPU).
+template <typename scalar_t> struct KeyTraits;
+template <> struct KeyTraits<float> {
+  using Key = uint32_t;
+  static constexpr Key kNegInf = 0xFF800000u;
+  __device__ static Key bits(float v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
+  __device__ static float value(Key b) { float v; memcpy(&v, &b, sizeof(v)); return v; }
+};
+template <> struct KeyTraits<double> {
+  using Key = uint64_t;
+  static constexpr Key kNegInf = 0xFFF0000000000000ull;
+  __device__ static Key bits(double v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull; }
+  __device__ static double value(Key b) { double v; memcpy(&v, &b, sizeof(v)); return v; }
+};
+template <> struct KeyTraits<at::BFloat16> {
+  using Key = uint16_t;
+  static constexpr Key kNegInf = 0xFF80u;
+  __device__ static Key bits(at::BFloat16 v) { return v.x; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7F80u; }
+  __device__ static float value(Key b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); }
+};
+template <> struct KeyTraits<at::Half> {
+  using Key = uint16_t;
+  static constexpr Key kNegInf = 0xFC00u;
+  __device__ static Key bits(at::Half v) { return v.x; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7C00u; }
+  __device__ static float value(Key b) { return static_cast<float>(at::Half(b, at::Half::from_bits())); }
+};
 
-// Order-preserving unsigned key of a value (NaN as -inf, as rank_key).
-template <typename acc>
-__device__ __forceinline__ typename KeyOf<acc>::type ordered_key(acc v) {
-  using Key = typename KeyOf<acc>::type;
-  constexpr Key sign = Key(1) << (sizeof(Key) * 8 - 1);
-  v = rank_key(v);
-  Key bits;
-  memcpy(&bits, &v, sizeof(bits));
-  return (bits & sign) ? ~bits : (bits | sign);
+template <typename scalar_t>
+using key_t = typename KeyTraits<scalar_t>::Key;
+
+template <typename scalar_t>
+__device__ __forceinline__ key_t<scalar_t> ordered_key(scalar_t v) {
+  using T = KeyTraits<scalar_t>;
+  using Key = typename T::Key;
+  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  Key b = T::bits(v);
+  if (T::is_nan(b)) b = T::kNegInf;
+  if (b == sign) b = 0;  // -0 -> +0
+  return (b & sign) ? static_cast<Key>(~b) : static_cast<Key>(b | sign);
 }
 
-template <typename acc>
-__device__ __forceinline__ acc key_value(typename KeyOf<acc>::type key) {
-  using Key = typename KeyOf<acc>::type;
-  constexpr Key sign = Key(1) << (sizeof(Key) * 8 - 1);
-  const Key bits = (key & sign) ? (key & ~sign) : ~key;
-  acc v;
-  memcpy(&v, &bits, sizeof(v));
-  return v;
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> key_value(key_t<scalar_t> key) {
+  using T = KeyTraits<scalar_t>;
+  using Key = typename T::Key;
+  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  const Key b = (key & sign) ? static_cast<Key>(key & static_cast<Key>(~sign)) : static_cast<Key>(~key);
+  return static_cast<acc_t<scalar_t>>(T::value(b));
 }
 
 // Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's sum.
@@ -102,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
     const scalar_t* __restrict__ pre, int64_t F, int64_t stride, int64_t k, scalar_t* __restrict__ out_v,
     int64_t* __restrict__ out_i, acc_t<scalar_t>* __restrict__ cut_v, int64_t* __restrict__ cut_i) {
   using acc = acc_t<scalar_t>;
-  using Key = typename KeyOf<acc>::type;
+  using Key = key_t<scalar_t>;
   constexpr int kBits = sizeof(Key) * 8;
   __shared__ unsigned int hist[256];
   __shared__ Key s_prefix;
@@ -139,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
     for (int64_t f = threadIdx.x; f < F; f += kThreads) {
       const acc v = static_cast<acc>(r[f]);
       if (!eligible(v)) continue;
-      const Key key = ordered_key(v);
+      const Key key = ordered_key(r[f]);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
     }
     __syncthreads();
@@ -169,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
     if (f < F) {
       const acc v = static_cast<acc>(r[f]);
       if (eligible(v)) {
-        key = ordered_key(v);
+        key = ordered_key(r[f]);
         tie = key == prefix;
         take = key > prefix;
       }
@@ -187,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
         top_index[pos] = f;
       }
     } else if (tie && tie_rank == need - 1) {
-      cut_v[row] = key_value<acc>(prefix);
+      cut_v[row] = key_value<scalar_t>(prefix);
       cut_i[row] = f;
     }
   }
@@ -271,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) global_hist_kernel(
     const scalar_t* __restrict__ pre, int64_t B, int64_t F, int64_t stride, const uint64_t* __restrict__ state,
     int shift, uint64_t mask, unsigned long long* __restrict__ hist) {
   using acc = acc_t<scalar_t>;
-  using Key = typename KeyOf<acc>::type;
+  using Key = key_t<scalar_t>;
   __shared__ unsigned int local[256];
   for (int i = threadIdx.x; i < 256; i += kThreads) local[i] = 0;
   __syncthreads();
@@ -283,7 +314,7 @@ __global__ void __launch_bounds__(kThreads) global_hist_kernel(
       for (int64_t f = threadIdx.x; f < F; f += kThreads) {
         const acc v = static_cast<acc>(r[f]);
         if (!(v > acc(0))) continue;
-        const Key key = ordered_key(v);
+        const Key key = ordered_key(r[f]);
         if ((key & static_cast<Key>(mask)) == prefix) atomicAdd(&local[(key >> shift) & 255], 1u);
       }
     }
@@ -293,10 +324,11 @@ __global__ void __launch_bounds__(kThreads) global_hist_kernel(
     if (local[i]) atomicAdd(&hist[i], static_cast<unsigned long long>(local[i]));
 }
 
-template <typename acc>
+template <typename scalar_t>
 __global__ void global_pick_kernel(uint64_t* __restrict__ state, unsigned long long* __restrict__ hist, int shift,
-                                   bool first, acc* __restrict__ cut_v, int64_t* __restrict__ cut_i) {
-  using Key = typename KeyOf<acc>::type;
+                                   bool first, acc_t<scalar_t>* __restrict__ cut_v, int64_t* __restrict__ cut_i) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
   if (state[2] == 0) {
     const uint64_t need = state[1];
     uint64_t above = 0, total = 0;
@@ -324,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) global_tie_count_kernel(
     const scalar_t* __restrict__ pre, int64_t F, int64_t stride, const uint64_t* __restrict__ state,
     int64_t* __restrict__ ties) {
   using acc = acc_t<scalar_t>;
-  using Key = typename KeyOf<acc>::type;
+  using Key = key_t<scalar_t>;
   __shared__ int64_t scratch[kWarps];
   const int64_t row = blockIdx.x;
   const Key prefix = static_cast<Key>(state[0]);
@@ -334,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) global_tie_count_kernel(
     const scalar_t* r = pre + row * stride;
     for (int64_t f = threadIdx.x; f < F; f += kThreads) {
       const acc v = static_cast<acc>(r[f]);
-      n += v > acc(0) && ordered_key(v) == prefix;
+      n += v > acc(0) && ordered_key(r[f]) == prefix;
     }
   }
   const int64_t total = block_sum(n, scratch);
@@ -348,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) global_tie_locate_kernel(
     const int64_t* __restrict__ ties, const int64_t* __restrict__ ties_inclusive, acc_t<scalar_t>* __restrict__ cut_v,
     int64_t* __restrict__ cut_i) {
   using acc = acc_t<scalar_t>;
-  using Key = typename KeyOf<acc>::type;
+  using Key = key_t<scalar_t>;
   __shared__ int scan_scratch[kWarps + 1];
   const int64_t row = blockIdx.x;
   if (state[2] != 0) return;
@@ -363,13 +395,13 @@ __global__ void __launch_bounds__(kThreads) global_tie_locate_kernel(
     bool tie = false;
     if (f < F) {
       const acc v = static_cast<acc>(r[f]);
-      tie = v > acc(0) && ordered_key(v) == prefix;
+      tie = v > acc(0) && ordered_key(r[f]) == prefix;
     }
     int tile;
     const int64_t rank = seen + block_exclusive_count(tie, scan_scratch, tile);
     seen += tile;
     if (tie && rank == need - 1) {
-      cut_v[0] = key_value<acc>(prefix);
+      cut_v[0] = key_value<scalar_t>(prefix);
       cut_i[0] = row * F + f;
     }
   }
@@ -390,7 +422,7 @@ void global_cutoff_cuda(const at::Tensor& pre, int64_t budget, const at::Tensor&
   const int64_t blocks = std::min<int64_t>(B, 4 * cuda::multiprocessor_count(device));
   FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_global_cutoff_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    using Key = typename KeyOf<acc>::type;
+    using Key = key_t<scalar_t>;
     constexpr int kBits = sizeof(Key) * 8;
     auto* st = reinterpret_cast<uint64_t*>(state.data_ptr<int64_t>());
     auto* h = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
@@ -399,7 +431,7 @@ void global_cutoff_cuda(const at::Tensor& pre, int64_t budget, const at::Tensor&
       global_hist_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           pre.const_data_ptr<scalar_t>(), B, F, pre.stride(0), st, shift, mask, h);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      global_pick_kernel<acc><<<1, 1, 0, stream>>>(st, h, shift, shift == kBits - 8, value.data_ptr<acc>(),
+      global_pick_kernel<scalar_t><<<1, 1, 0, stream>>>(st, h, shift, shift == kBits - 8, value.data_ptr<acc>(),
                                                   index.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       mask |= uint64_t(255) << shift;
