@@ -216,7 +216,7 @@ def test_decode_and_gradients_low_precision(device, dtype):
 def test_fp32_encode_matches_reference_selection(device):
     params = make_sae(128, 64, 512, device, torch.float32)
     x, W_enc, b_enc, b_dec, _ = params
-    pre = (x - b_dec) @ W_enc + b_enc  # the same GEMM the fused op runs
+    pre = torch.addmm(b_enc, x - b_dec, W_enc)  # the very GEMM the fused op runs
     for routing, param in (("topk", 16), ("feature_choice", 4), ("mutual_choice", 16 * 128)):
         acts = sae.sae_encode(x, W_enc, b_enc, b_dec, routing, **{"topk": {"k": param},
                               "feature_choice": {"m": param}, "mutual_choice": {"budget": param}}[routing])
