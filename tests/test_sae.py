@@ -404,6 +404,10 @@ def test_errors_from_compiled_ops(device, needs_kernels):
         OPS.sae_route(pre, "feature_choice", -1, None)
     with pytest.raises(TypeError, match="pre must be float32"):
         OPS.sae_route(pre.int(), "topk", 2, None)
+    if device == "cuda":  # rows are sorted in shared memory: k is bounded there
+        wide = make_pre(2, 2000, device, torch.float32)
+        with pytest.raises(ValueError, match="k must be <= 1024 on CUDA"):
+            OPS.sae_topk_select(wide, 1025)
 
 
 # ---------------------------------------------------------------------------------------------
