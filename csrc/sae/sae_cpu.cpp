@@ -43,7 +43,7 @@ struct TopSelector {
     k = k_;
     truncated = false;
     buf.clear();
-    buf.reserve(2 * k_ + 1);
+    buf.reserve(std::min<int64_t>(2 * k_ + 1, 4096));  // grows on demand: 256 selectors a block
     threshold = -std::numeric_limits<acc>::infinity();
   }
   bool wants(acc key) const { return key > threshold || static_cast<int64_t>(buf.size()) < k; }
