@@ -9,14 +9,14 @@ import time
 
 import torch
 
-from . import bench_frugal, bench_spherical, harness, plot
+from . import bench_frugal, bench_sae, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
 #   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
 #   optional: TABLE (printed columns, as below) and plot(rows, path, title) (default: plot.plot)
 # A new family is one import and one entry here.
-FAMILIES = {"spherical": bench_spherical, "frugal": bench_frugal}
+FAMILIES = {"spherical": bench_spherical, "sae": bench_sae, "frugal": bench_frugal}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
@@ -43,7 +43,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict], table=TABLE) -> str:
+def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
     """Plain-text table, numbers right-aligned, text left-aligned."""
     cells = [[_fmt(r.get(key)) for key, _ in table] for r in rows]
     widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(table)]
@@ -98,7 +98,7 @@ def run(families: list[str] | None, device: str, quick: bool, out_dir: str | Non
         seconds = time.perf_counter() - start
         lines = module.acceptance(rows, device)
         print(f"\n== {family} ({device}{', quick' if quick else ''}): {seconds:.0f} s")
-        print(format_table(rows, getattr(module, "TABLE", TABLE)))
+        print(format_table(rows, getattr(module, "TABLE", TABLE)))  # a family may define its columns
         print("Acceptance:")
         for line in lines or ["(no acceptance figure at these shapes)"]:
             print("  " + line)

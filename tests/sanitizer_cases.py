@@ -14,6 +14,8 @@ import fusedtrain
 from fusedtrain import selftest
 from fusedtrain.reference.spherical import spherical_loss as reference
 
+import sanitizer_cases_sae
+
 
 def spherical_case(n: int, d: int, dtype: torch.dtype, kind: str, reduction: str, *,
                    offset: int = 0, row_stride: int | None = None, ignore_some: bool = True) -> None:
@@ -102,6 +104,7 @@ def main(small: bool) -> None:
     if not small:
         frugal_case(torch.bfloat16)
     torch.cuda.synchronize()
+    sanitizer_cases_sae.main(small)
     # Every family's small end-to-end checks (fusedtrain.selftest) run under the sanitizer too.
     failures = selftest.run(["cuda"])
     torch.cuda.synchronize()

@@ -8,5 +8,6 @@ from .spherical import spherical_loss
 from . import nn
 from . import optim
 from .optim import frugal_step_
+from . import sae
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference", "optim", "frugal_step_"]
+__all__ = ["__version__", "spherical_loss", "nn", "reference", "optim", "frugal_step_", "sae"]

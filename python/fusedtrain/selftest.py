@@ -73,8 +73,16 @@ def check_frugal(device: str) -> list[Check]:
     return checks
 
 
+def check_sae(device: str) -> list[Check]:
+    """The SAE training step (fused encode, each routing, sparse decode) in float64 vs the dense reference."""
+    from .sae import _selftest
+
+    return [Check(label, err, 1e-9) for label, err in _selftest(device)]
+
+
 # family -> check function; a new family is one entry here.
-CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "frugal": check_frugal}
+CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "sae": check_sae,
+                                                    "frugal": check_frugal}
 
 
 def run(devices: list[str], families: list[str] | None = None, *, verbose: bool = True) -> int:

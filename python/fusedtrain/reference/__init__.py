@@ -1,4 +1,4 @@
 """Pure-PyTorch, float64-capable references: one module per op family."""
-from . import frugal, spherical
+from . import frugal, sae, spherical
 
-__all__ = ["frugal", "spherical"]
+__all__ = ["frugal", "sae", "spherical"]
