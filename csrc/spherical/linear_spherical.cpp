@@ -1,0 +1,258 @@
+// Schemas of the fused linear spherical loss and its device-independent half: argument checks, the
+// dense products (at::mm/addmm: MKL/OpenBLAS on the CPU, cuBLAS on CUDA) and the assembly of the
+// gradients. The backends supply only the per-row kernels (linear_spherical.h). Nothing here is
+// O(N·D): the largest buffers are the (D, d) weight gradient and (N, d') row projections.
+#include "linear_spherical.h"
+
+#include "../common/checks.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/addmv.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace fusedtrain {
+namespace spherical {
+namespace linear {
+namespace {
+
+// Rows must be unit-stride for the row kernels; any row stride is fine.
+at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) == 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
+void check_weight_and_bias(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_defined(weight, "linear_weight");
+  check_floating(weight, "linear_weight");
+  check_dim(weight, 2, "linear_weight");
+  FT_CHECK_VALUE(weight.size(0) >= 1, "linear_weight must have at least one class (D >= 1), got shape ",
+                 weight.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_dim(*bias, 1, "linear_bias");
+    FT_CHECK_VALUE(bias->size(0) == weight.size(0), "linear_bias must have shape (", weight.size(0),
+                   ",) for linear_weight of shape ", weight.sizes(), ", got ", bias->sizes());
+    FT_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "linear_bias must have linear_weight's dtype ",
+                  weight.scalar_type(), ", got ", bias->scalar_type());
+    check_same_device(*bias, weight, "linear_bias", "linear_weight");
+  }
+}
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_inputs(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& target) {
+  check_weight_and_bias(weight, bias);
+  check_defined(input, "input");
+  check_defined(target, "target");
+  check_dim(input, 2, "input");
+  FT_CHECK_TYPE(input.scalar_type() == weight.scalar_type(), "input must have linear_weight's dtype ",
+                weight.scalar_type(), ", got ", input.scalar_type());
+  FT_CHECK_VALUE(input.size(1) == weight.size(1), "input must have shape (N, ", weight.size(1),
+                 ") for linear_weight of shape ", weight.sizes(), ", got ", input.sizes());
+  check_dtype(target, at::kLong, "target");
+  FT_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "target must have shape (",
+                 input.size(0), ",) for input of shape ", input.sizes(), ", got ", target.sizes());
+  check_same_device(input, weight, "input", "linear_weight");
+  check_same_device(target, weight, "target", "linear_weight");
+}
+
+// The statistics a kernel reads must be those of this weight: shape, dtype, device.
+void check_statistic(const at::Tensor& t, c10::IntArrayRef shape, at::ScalarType acc, const at::Tensor& weight,
+                     const char* name) {
+  check_defined(t, name);
+  FT_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, " (d' = d + 1 with a bias), got ",
+                 t.sizes());
+  FT_CHECK_TYPE(t.scalar_type() == acc, name, " must be ", acc, " (the accumulate type), got ",
+                t.scalar_type());
+  check_same_device(t, weight, name, "linear_weight");
+}
+
+// Q += Aᵀ·A and w̄ += Aᵀ·1 in the accumulate type for a block A of rows of W'. bf16/fp16 blocks:
+// cuBLAS multiplies them with fp32 accumulation and output (mm's out_dtype); the CPU has no such
+// product, so the block is upcast (a block, never the whole weight).
+void add_block(at::Tensor& Q, at::Tensor& colsum, const at::Tensor& A, bool first) {
+  const auto acc = Q.scalar_type();
+  at::Tensor block_gram;
+  if (A.scalar_type() == acc) {
+    block_gram = at::mm(A.t(), A);
+  } else if (A.is_cuda()) {
+    block_gram = at::mm(A.t(), A, acc);
+  } else {
+    const at::Tensor up = A.to(acc);
+    block_gram = at::mm(up.t(), up);
+  }
+  const at::Tensor block_sum = A.sum({0}, /*keepdim=*/false, acc);
+  if (first) {
+    Q.copy_(block_gram);
+    colsum.copy_(block_sum);
+  } else {
+    Q.add_(block_gram);
+    colsum.add_(block_sum);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+  check_weight_and_bias(weight_in, bias);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const int64_t D = weight.size(0), d = weight.size(1);
+  const bool with_bias = has(bias);
+  const int64_t dp = d + (with_bias ? 1 : 0);
+  const auto acc = accumulate_type(weight.scalar_type());
+  at::Tensor Q = at::empty({dp, dp}, weight.options().dtype(acc));
+  at::Tensor colsum = at::empty({dp}, weight.options().dtype(acc));
+  if (!with_bias && (weight.scalar_type() == acc || weight.is_cuda())) {
+    add_block(Q, colsum, weight, true);  // one product, no copy of W
+    return {Q, colsum};
+  }
+  // Blocks of rows of W' = [W | bias] (upcast on the CPU), at most ~2^24 elements each: the
+  // augmented/upcast copy is one block, never the whole weight.
+  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(dp, 1));
+  for (int64_t start = 0; start < D; start += rows) {
+    const int64_t len = std::min(rows, D - start);
+    at::Tensor block = weight.narrow(0, start, len);
+    if (with_bias) block = at::cat({block, bias->narrow(0, start, len).unsqueeze(1)}, 1);
+    add_block(Q, colsum, block, start == 0);
+  }
+  return {Q, colsum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& input_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target_in, const at::Tensor& gram_in, const at::Tensor& colsum_in,
+    const std::string& kind, double a, double b, double eps, double var_eps, int64_t ignore_index,
+    const std::string& reduction, bool check_target, const Kernels& kernels) {
+  check_inputs(input_in, weight_in, bias, target_in);
+  const Params params = make_params(kind, a, b, eps, var_eps);
+  const int red = parse_reduction(reduction);
+  const int64_t N = input_in.size(0), d = input_in.size(1), D = weight_in.size(0);
+  const bool with_bias = has(bias);
+  const int64_t dp = d + (with_bias ? 1 : 0);
+  const auto acc = accumulate_type(input_in.scalar_type());
+  check_statistic(gram_in, {dp, dp}, acc, weight_in, "gram");
+  check_statistic(colsum_in, {dp}, acc, weight_in, "colsum");
+  const auto acc_opts = input_in.options().dtype(acc);
+
+  ForwardLaunch L;
+  L.input = rows_unit_stride(input_in);
+  L.weight = rows_unit_stride(weight_in);
+  L.bias = with_bias ? bias->contiguous() : at::Tensor();
+  L.target = target_in.contiguous();
+  L.colsum = colsum_in.contiguous();
+  const at::Tensor gram = gram_in.contiguous();
+  // p = H'·Q' = H·Q'[:d] + Q'[d] (the bias row), in the accumulate type: an (N, d') buffer.
+  const at::Tensor h_acc = L.input.to(acc);
+  L.proj = with_bias ? at::addmm(gram.narrow(0, d, 1), h_acc, gram.narrow(0, 0, d)) : at::mm(h_acc, gram);
+  L.ignore_index = ignore_index;
+  L.params = params;
+  L.row_loss = at::empty({N}, acc_opts);
+  L.coef = at::empty({N, kCoefs}, acc_opts);
+  L.bad_target = at::zeros({1}, input_in.options().dtype(at::kInt));
+  at::Tensor count;
+  if (red == kMean) {
+    count = target_in.ne(ignore_index).sum().to(acc);  // on the device, no sync
+    L.scale = count.reciprocal();
+  }
+  if (N > 0) kernels.forward(L);
+  if (check_target && N > 0 && L.bad_target.item<int>() != 0) throw_bad_target(D, ignore_index);
+  at::Tensor loss;
+  if (red == kNone) {
+    loss = L.row_loss.to(input_in.scalar_type());
+  } else {
+    loss = L.row_loss.sum();
+    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
+    loss = loss.to(input_in.scalar_type());
+  }
+  return {loss, L.coef, L.proj};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_loss, const at::Tensor& input_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target_in, const at::Tensor& colsum,
+    const at::Tensor& coef_in, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask,
+    const Kernels& kernels) {
+  check_inputs(input_in, weight_in, bias, target_in);
+  const int64_t N = input_in.size(0), d = input_in.size(1), D = weight_in.size(0);
+  const bool with_bias = has(bias);
+  const int64_t dp = d + (with_bias ? 1 : 0);
+  const auto acc = accumulate_type(input_in.scalar_type());
+  const auto dtype = input_in.scalar_type();
+  check_statistic(colsum, {dp}, acc, weight_in, "colsum");
+  check_statistic(coef_in, {N, kCoefs}, acc, weight_in, "coef");
+  check_statistic(proj, {N, dp}, acc, weight_in, "proj");
+  FT_CHECK_VALUE(grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == N),
+                 "grad_loss must be a scalar or have shape (", N, ",), got ", grad_loss.sizes());
+  check_same_device(grad_loss, weight_in, "grad_loss", "linear_weight");
+  const at::Tensor input = rows_unit_stride(input_in);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor target = target_in.contiguous();
+  // Upstream gradient folded into the coefficients once: (N, 3), tiny.
+  const at::Tensor up = grad_loss.to(acc);
+  const at::Tensor coef = (grad_loss.numel() == 1 ? coef_in.mul(up.reshape({})) : coef_in.mul(up.unsqueeze(1)))
+                              .contiguous();
+  const auto empty = at::empty({0}, input_in.options());
+
+  at::Tensor grad_input = empty;
+  if (output_mask[0]) {
+    InputGradLaunch L{weight, target, colsum.contiguous(), proj.contiguous(), coef, ignore_index,
+                      at::empty({N, d}, input_in.options())};
+    if (N > 0) kernels.input_grad(L);
+    grad_input = L.grad_input;
+  }
+  at::Tensor grad_weight = empty, grad_bias = empty;
+  const bool want_weight = output_mask[1], want_bias = output_mask[2] && with_bias;
+  if (want_weight || want_bias) {
+    // a = Σ α_n h'_n and M' = Σ β_n h'_n h'_nᵀ, in blocks: a (d), Σα; M (d, d), m = Σ β_n h_n, Σβ.
+    const at::Tensor h = input.to(acc);
+    const at::Tensor alpha = coef.select(1, kAlpha), beta = coef.select(1, kBeta);
+    const at::Tensor beta_h = h.mul(beta.unsqueeze(1));  // (N, d): O(N·d)
+    const at::Tensor m = beta_h.sum(0);
+    const at::Tensor sum_alpha = alpha.sum(), sum_beta = beta.sum();
+    if (want_weight) {
+      const at::Tensor a_vec = at::mv(h.t(), alpha);
+      const at::Tensor M = at::mm(h.t(), beta_h);
+      // dW = 1·aᵀ + W·M (+ bias·mᵀ) + scatter: addmm writes the broadcast row and the product into
+      // one fresh (D, d) buffer; the rank-1 bias term and the scatter update it in place.
+      grad_weight = at::addmm(a_vec.to(dtype).unsqueeze(0).expand({D, d}), weight, M.to(dtype));
+      if (with_bias) grad_weight.addr_(*bias, m.to(dtype));
+    }
+    if (want_bias) {
+      // dbias = Σα·1 + W·m + Σβ·bias + scatter of γ.
+      grad_bias = at::addmv(sum_alpha.to(dtype).expand({D}), weight, m.to(dtype));
+      grad_bias.add_(bias->mul(sum_beta.to(dtype)));
+    }
+    if (N > 0) {
+      // Rows that scatter: kept, in range. Others get key D and sort last.
+      const at::Tensor valid = target.ne(ignore_index).logical_and(target.ge(0)).logical_and(target.lt(D));
+      const at::Tensor key = target.masked_fill(valid.logical_not(), D);
+      auto sorted = key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+      ScatterLaunch S{input, coef, std::get<0>(sorted), std::get<1>(sorted),
+                      want_weight ? grad_weight : at::Tensor(), want_bias ? grad_bias : at::Tensor()};
+      kernels.scatter(S);
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace linear
+}  // namespace spherical
+}  // namespace fusedtrain
+
+TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
+  m.def("_linear_spherical_gram(Tensor linear_weight, Tensor? linear_bias) -> (Tensor gram, Tensor colsum)");
+  m.def(
+      "linear_spherical_loss(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor gram, Tensor colsum, str kind, float a, float b, float eps, float var_eps, int ignore_index, "
+      "str reduction, bool check_target) -> (Tensor loss, Tensor coef, Tensor proj)");
+  m.def(
+      "_linear_spherical_loss_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, "
+      "Tensor? linear_bias, Tensor target, Tensor colsum, Tensor coef, Tensor proj, int ignore_index, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}
