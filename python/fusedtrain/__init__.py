@@ -5,6 +5,8 @@ from . import _backend
 from ._version import __version__
 from . import reference
 from .spherical import spherical_loss
+from .linear_spherical import linear_spherical_loss, linear_spherical_stats, linear_topk
 from . import nn
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference"]
+__all__ = ["__version__", "spherical_loss", "linear_spherical_loss", "linear_spherical_stats", "linear_topk",
+           "nn", "reference"]
