@@ -197,16 +197,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor up = grad_loss.to(acc);
   const at::Tensor coef = (grad_loss.numel() == 1 ? coef_in.mul(up.reshape({})) : coef_in.mul(up.unsqueeze(1)))
                               .contiguous();
-  const auto empty = at::empty({0}, input_in.options());
+  // Outputs not asked for are distinct empty tensors (outputs must not alias one another).
+  const auto empty = [&] { return at::empty({0}, input_in.options()); };
 
-  at::Tensor grad_input = empty;
+  at::Tensor grad_input = empty();
   if (output_mask[0]) {
     InputGradLaunch L{weight, target, colsum.contiguous(), proj.contiguous(), coef, ignore_index,
                       at::empty({N, d}, input_in.options())};
     if (N > 0) kernels.input_grad(L);
     grad_input = L.grad_input;
   }
-  at::Tensor grad_weight = empty, grad_bias = empty;
+  at::Tensor grad_weight = empty(), grad_bias = empty();
   const bool want_weight = output_mask[1], want_bias = output_mask[2] && with_bias;
   if (want_weight || want_bias) {
     // a = Σ α_n h'_n and M' = Σ β_n h'_n h'_nᵀ, in blocks: a (d), Σα; M (d, d), m = Σ β_n h_n, Σβ.

@@ -134,7 +134,8 @@ def linear_topk(input: torch.Tensor, linear_weight: torch.Tensor, k: int, *,
             v, i = logits.topk(min(k, stop - start), dim=-1)
             i += start
             if values is not None:  # merge with the best so far
-                v, pos = torch.cat([values, v], dim=-1).topk(k, dim=-1)
+                merged = torch.cat([values, v], dim=-1)
+                v, pos = merged.topk(min(k, merged.shape[-1]), dim=-1)
                 i = torch.cat([indices, i], dim=-1).gather(-1, pos)
             values, indices = v, i
     return TopK(values, indices)
