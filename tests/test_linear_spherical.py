@@ -155,6 +155,18 @@ def test_q_from_gram_agrees_with_direct_sum_of_squares(device):
     assert err_ours <= max(4 * err_direct, 1e-6), (err_ours, err_direct)
 
 
+def test_bf16_projection_at_fp32_accuracy(device, needs_kernels):
+    """bf16 inputs: p = H·Q runs as three bf16 products of a split fp32 Q; it must keep fp32 accuracy
+    (a single bf16 product would be off by ~2^-9)."""
+    h, w, _, t = make_case(64, 96, 500, device, torch.bfloat16, bias=False)
+    gram, colsum = fusedtrain.linear_spherical_stats(w)
+    _, _, proj = torch.ops.fusedtrain.linear_spherical_loss(h, w, None, t, gram, colsum, "z", 0.05, 20.0, 1e-6,
+                                                            1e-6, -100, "mean", True)
+    exact = h.double() @ gram.double()
+    assert proj.dtype == torch.float32
+    assert rel_err(proj, exact) < 1e-6
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

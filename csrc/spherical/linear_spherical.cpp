@@ -97,6 +97,27 @@ void add_block(at::Tensor& Q, at::Tensor& colsum, const at::Tensor& A, bool firs
   }
 }
 
+// A·B in fp32 for A bf16 (exact) and B fp32, at fp32 accuracy and bf16 tensor-core speed: B is split
+// into three bf16 parts (B = B0 + B1 + B2 to 24 significant bits, bf16 having fp32's exponent range)
+// and the three products accumulate in fp32 (cuBLAS, mm's out_dtype). An fp32 product would run on
+// the H100 at about a fifteenth of the bf16 rate. fp16 inputs (whose range B may exceed) and the
+// CPU (no half-in/fp32-out product) upcast A instead; the CPU still runs the split, so the CPU
+// tests check the arithmetic the GPU runs.
+at::Tensor mm_split_bf16(const at::Tensor& A, const at::Tensor& B) {
+  const auto acc = B.scalar_type();
+  if (A.scalar_type() != at::kBFloat16) return at::mm(A.to(acc), B);
+  at::Tensor rest = B;
+  at::Tensor out;
+  const at::Tensor A_up = A.is_cuda() ? at::Tensor() : A.to(acc);
+  for (int part = 0; part < 3; ++part) {
+    const at::Tensor piece = rest.to(at::kBFloat16);
+    if (part < 2) rest = rest.sub(piece.to(acc));
+    const at::Tensor prod = A.is_cuda() ? at::mm(A, piece, acc) : at::mm(A_up, piece.to(acc));
+    out = part == 0 ? prod : out.add_(prod);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
@@ -148,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   L.colsum = colsum_in.contiguous();
   const at::Tensor gram = gram_in.contiguous();
   // p = H'·Q' = H·Q'[:d] + Q'[d] (the bias row), in the accumulate type: an (N, d') buffer.
-  const at::Tensor h_acc = L.input.to(acc);
-  L.proj = with_bias ? at::addmm(gram.narrow(0, d, 1), h_acc, gram.narrow(0, 0, d)) : at::mm(h_acc, gram);
+  L.proj = mm_split_bf16(L.input, gram.narrow(0, 0, d));
+  if (with_bias) L.proj.add_(gram.narrow(0, d, 1));
   L.ignore_index = ignore_index;
   L.params = params;
   L.row_loss = at::empty({N}, acc_opts);
@@ -218,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor sum_alpha = alpha.sum(), sum_beta = beta.sum();
     if (want_weight) {
       const at::Tensor a_vec = at::mv(h.t(), alpha);
-      const at::Tensor M = at::mm(h.t(), beta_h);
+      const at::Tensor M = mm_split_bf16(input.t(), beta_h);  // Hᵀ·(βH), fp32 accuracy
       // dW = 1·aᵀ + W·M (+ bias·mᵀ) + scatter: addmm writes the broadcast row and the product into
       // one fresh (D, d) buffer; the rank-1 bias term and the scatter update it in place.
       grad_weight = at::addmm(a_vec.to(dtype).unsqueeze(0).expand({D, d}), weight, M.to(dtype));
