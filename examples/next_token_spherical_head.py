@@ -10,8 +10,9 @@ it. Evaluation ranks the whole vocabulary with the head's chunked top-k.
     PYTHONPATH=python python examples/next_token_spherical_head.py            # Z-loss head, ~2 min
     PYTHONPATH=python python examples/next_token_spherical_head.py --loss ce  # softmax baseline
 
-Prints the training loss and held-out top-1 / top-5 accuracy (spec/spherical.md reports the same
-metrics for a larger run: CE 0.214 / 0.353, Z (0.05, 20) 0.180 / 0.349).
+Prints the training loss and held-out top-1 / top-5 accuracy. Measured with the defaults (seed 0, 300
+steps, 2 shared CPU cores): Z-loss head 0.300 / 0.499 in 82 s; cross-entropy 0.304 / 0.513 in 158 s.
+spec/spherical.md reports the same metrics for a larger run (CE 0.214 / 0.353, Z 0.180 / 0.349).
 """
 from __future__ import annotations
 
