@@ -242,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor M = mm_split_bf16(input.t(), beta_h);  // Hᵀ·(βH), fp32 accuracy
       // dW = 1·aᵀ + W·M (+ bias·mᵀ) + scatter: addmm writes the broadcast row and the product into
       // one fresh (D, d) buffer; the rank-1 bias term and the scatter update it in place.
-      grad_weight = at::addmm(a_vec.to(dtype).unsqueeze(0).expand({D, d}), weight, M.to(dtype));
+      grad_weight = at::addmm(a_vec.to(dtype).unsqueeze(0).expand({D, d}), weight, M.to(dtype))
+                        .contiguous();  // a no-op: the scatter kernels index rows c·d
       if (with_bias) grad_weight.addr_(*bias, m.to(dtype));
     }
     if (want_bias) {
