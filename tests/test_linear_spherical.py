@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import fusedtrain
 from fusedtrain import linear_spherical as ls
 from fusedtrain.reference.linear_spherical import linear_spherical_loss as reference
+from fusedtrain.reference.linear_spherical import linear_topk as reference_topk
 
 from conftest import HAS_CUDA
 
@@ -264,8 +265,13 @@ def test_out_of_range_target_raises(device, bad):
 def test_unchecked_out_of_range_target_gives_nan(device, needs_kernels):
     h, w, b, t = make_case(6, 4, 9, device)
     t[2] = 9
-    loss = fusedtrain.linear_spherical_loss(h, w, t, linear_bias=b, reduction="none", check_target=False)
+    x = h.detach().requires_grad_()
+    loss = fusedtrain.linear_spherical_loss(x, w, t, linear_bias=b, reduction="none", check_target=False)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 3, 4, 5]]).all()
+    # Backward never gathers or scatters the out-of-range row: its input gradient is NaN, the
+    # others finite (the weight's gradient, a sum over all rows, is NaN: nothing silent).
+    loss.sum().backward()
+    assert torch.isnan(x.grad[2]).all() and torch.isfinite(x.grad[[0, 1, 3, 4, 5]]).all()
 
 
 def test_input_with_extra_dimensions(device):
@@ -362,6 +368,11 @@ def test_spherical_head_caches_statistics(device, monkeypatch):
     torch.optim.SGD(head.parameters(), lr=0.1).step()
     loss = head(h1, t1)
     assert len(calls) == 2
+    head(h1, t1).backward()
+    torch.optim.Adam(head.parameters(), lr=0.1, foreach=True).step()  # multi-tensor in-place step
+    head(h1, t1)
+    assert len(calls) == 3
+    loss = head(h1, t1)
     torch.testing.assert_close(loss, reference(h1, head.weight, t1, linear_bias=head.bias))
     values, indices = head.topk(h1, 3)
     torch.testing.assert_close(values, head.logits(h1).topk(3).values)
@@ -374,7 +385,7 @@ def test_linear_topk_matches_full_topk(device, bias, chunk):
     h, w, b, _ = make_case(33, 8, 64, device, bias=bias)
     for k in (1, 5, 64):
         values, indices = fusedtrain.linear_topk(h, w, k, linear_bias=b, chunk=chunk)
-        ref_v, ref_i = F.linear(h, w, b).topk(k)
+        ref_v, _ = reference_topk(h, w, k, linear_bias=b)
         torch.testing.assert_close(values, ref_v)
         torch.testing.assert_close(F.linear(h, w, b).gather(1, indices), ref_v)  # ties: any order
         assert indices.dtype == torch.int64 and values.shape == (33, k)
