@@ -156,6 +156,20 @@ def test_q_from_gram_agrees_with_direct_sum_of_squares(device):
     assert err_ours <= max(4 * err_direct, 1e-6), (err_ours, err_direct)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("d", [1023, 1024, 1100])
+def test_gram_symmetric_blocks(device, bias, d):
+    """From 1024 columns of W' on, Q is assembled from its upper blocks and mirrored."""
+    _, w, b, _ = make_case(0, d, 300, device, torch.float64, bias=bias)
+    gram, colsum = fusedtrain.linear_spherical_stats(w, b)
+    aug = torch.cat([w, b.unsqueeze(1)], 1) if bias else w
+    torch.testing.assert_close(gram, aug.t() @ aug)
+    torch.testing.assert_close(colsum, aug.sum(0))
+    assert torch.equal(gram, gram.t())
+    h, _, _, t = make_case(6, d, 300, device, torch.float64, bias=bias)
+    check_against_reference(h, w, b, t, "z", "mean", 1e-10)
+
+
 def test_bf16_projection_at_fp32_accuracy(device, needs_kernels):
     """bf16 inputs: p = H·Q runs as three bf16 products of a split fp32 Q; it must keep fp32 accuracy
     (a single bf16 product would be off by ~2^-9)."""

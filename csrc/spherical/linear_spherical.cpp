@@ -73,28 +73,46 @@ void check_statistic(const at::Tensor& t, c10::IntArrayRef shape, at::ScalarType
   check_same_device(t, weight, name, "linear_weight");
 }
 
-// Q += Aᵀ·A and w̄ += Aᵀ·1 in the accumulate type for a block A of rows of W'. bf16/fp16 blocks:
-// cuBLAS multiplies them with fp32 accumulation and output (mm's out_dtype); the CPU has no such
-// product, so the block is upcast (a block, never the whole weight).
+// Xᵀ·Y in the accumulate type, for column blocks X, Y of a block of rows of W'. bf16/fp16: cuBLAS
+// multiplies with fp32 accumulation and output (mm's out_dtype); the CPU, which has no such product,
+// gets blocks already upcast.
+at::Tensor block_product(const at::Tensor& X, const at::Tensor& Y, at::ScalarType acc) {
+  return X.scalar_type() == acc ? at::mm(X.t(), Y) : at::mm(X.t(), Y, acc);
+}
+
+// From this many columns on, Q = AᵀA is formed from its upper 2 x 2 blocks (3/4 of the multiply-adds:
+// the lower off-diagonal block is the transpose of the upper one), each product still large enough
+// to run at full GEMM rate. (No SYRK in ATen; this is the symmetric product where it pays.)
+constexpr int64_t kSymmetricMinColumns = 1024;
+
+// Q += Aᵀ·A and w̄ += Aᵀ·1 for a block A of rows of W' (first: Q = ..., w̄ = ...). With the
+// symmetric split, only Q's upper blocks are written here; gram() mirrors them at the end.
 void add_block(at::Tensor& Q, at::Tensor& colsum, const at::Tensor& A, bool first) {
   const auto acc = Q.scalar_type();
-  at::Tensor block_gram;
-  if (A.scalar_type() == acc) {
-    block_gram = at::mm(A.t(), A);
-  } else if (A.is_cuda()) {
-    block_gram = at::mm(A.t(), A, acc);
+  const at::Tensor up = A.scalar_type() == acc || A.is_cuda() ? A : A.to(acc);  // a block, never all of W
+  const auto accumulate = [first](at::Tensor dst, const at::Tensor& value) {
+    if (first) dst.copy_(value);
+    else dst.add_(value);
+  };
+  const int64_t n = A.size(1);
+  if (n < kSymmetricMinColumns) {
+    accumulate(Q, block_product(up, up, acc));
   } else {
-    const at::Tensor up = A.to(acc);
-    block_gram = at::mm(up.t(), up);
+    const int64_t h = n / 2;
+    const at::Tensor left = up.narrow(1, 0, h), right = up.narrow(1, h, n - h);
+    accumulate(Q.narrow(0, 0, h).narrow(1, 0, h), block_product(left, left, acc));
+    accumulate(Q.narrow(0, 0, h).narrow(1, h, n - h), block_product(left, right, acc));
+    accumulate(Q.narrow(0, h, n - h).narrow(1, h, n - h), block_product(right, right, acc));
   }
-  const at::Tensor block_sum = A.sum({0}, /*keepdim=*/false, acc);
-  if (first) {
-    Q.copy_(block_gram);
-    colsum.copy_(block_sum);
-  } else {
-    Q.add_(block_gram);
-    colsum.add_(block_sum);
-  }
+  accumulate(colsum, A.sum({0}, /*keepdim=*/false, acc));
+}
+
+// The lower off-diagonal block of a Q built by add_block from its upper blocks.
+void mirror_lower_block(at::Tensor& Q) {
+  const int64_t n = Q.size(0);
+  if (n < kSymmetricMinColumns) return;
+  const int64_t h = n / 2;
+  Q.narrow(0, h, n - h).narrow(1, 0, h).copy_(Q.narrow(0, 0, h).narrow(1, h, n - h).t());
 }
 
 // A·B in fp32 for A bf16 (exact) and B fp32, at fp32 accuracy and bf16 tensor-core speed: B is split
@@ -130,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
   at::Tensor Q = at::empty({dp, dp}, weight.options().dtype(acc));
   at::Tensor colsum = at::empty({dp}, weight.options().dtype(acc));
   if (!with_bias && (weight.scalar_type() == acc || weight.is_cuda())) {
-    add_block(Q, colsum, weight, true);  // one product, no copy of W
+    add_block(Q, colsum, weight, true);  // no copy of W
+    mirror_lower_block(Q);
     return {Q, colsum};
   }
   // Blocks of rows of W' = [W | bias] (upcast on the CPU), at most ~2^24 elements each: the
@@ -142,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
     if (with_bias) block = at::cat({block, bias->narrow(0, start, len).unsqueeze(1)}, 1);
     add_block(Q, colsum, block, start == 0);
   }
+  mirror_lower_block(Q);
   return {Q, colsum};
 }
 
