@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
+#include <ATen/ops/outer.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -85,9 +86,9 @@ at::Tensor block_product(const at::Tensor& X, const at::Tensor& Y, at::ScalarTyp
 // to run at full GEMM rate. (No SYRK in ATen; this is the symmetric product where it pays.)
 constexpr int64_t kSymmetricMinColumns = 1024;
 
-// Q += Aᵀ·A and w̄ += Aᵀ·1 for a block A of rows of W' (first: Q = ..., w̄ = ...). With the
-// symmetric split, only Q's upper blocks are written here; gram() mirrors them at the end.
-void add_block(at::Tensor& Q, at::Tensor& colsum, const at::Tensor& A, bool first) {
+// Q += Aᵀ·A for a block A of rows of W' (first: Q = AᵀA). With the symmetric split, only Q's upper
+// blocks are written here; gram() mirrors them at the end.
+void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   const auto acc = Q.scalar_type();
   const at::Tensor up = A.scalar_type() == acc || A.is_cuda() ? A : A.to(acc);  // a block, never all of W
   const auto accumulate = [first](at::Tensor dst, const at::Tensor& value) {
@@ -104,7 +105,6 @@ void add_block(at::Tensor& Q, at::Tensor& colsum, const at::Tensor& A, bool firs
     accumulate(Q.narrow(0, 0, h).narrow(1, h, n - h), block_product(left, right, acc));
     accumulate(Q.narrow(0, h, n - h).narrow(1, h, n - h), block_product(right, right, acc));
   }
-  accumulate(colsum, A.sum({0}, /*keepdim=*/false, acc));
 }
 
 // The lower off-diagonal block of a Q built by add_block from its upper blocks.
@@ -138,6 +138,14 @@ at::Tensor mm_split_bf16(const at::Tensor& A, const at::Tensor& B) {
 
 }  // namespace
 
+// The statistics of W' = [W | bias]: its column sums w̄' and its *centered* Gram (scatter) matrix
+// C = Σ_k (W'_k − m)(W'_k − m)ᵀ about the mean row m = w̄'/D, both (d',) / (d', d') in acc_t. With
+// s = h'·w̄', a row's spread is h'ᵀCh' = Σ(o_k − s/D)² directly and q = h'ᵀCh' + s²/D, where the
+// plain Gram matrix would give the spread as q − s²/D: a catastrophic cancellation when the logits
+// share a large common offset (e.g. a bias), which the Z-loss is invariant to.
+// fp32/fp64 weights are centered block by block before the product. bf16/fp16 products are exact
+// in fp32, so there C = W'ᵀW' − w̄'mᵀ from the uncentered (exact) product: centering a bf16 block
+// would round it; the cancellation left is far below the bf16 logits' own rounding.
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
   check_weight_and_bias(weight_in, bias);
   const at::Tensor weight = rows_unit_stride(weight_in);
@@ -145,24 +153,28 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
   const bool with_bias = has(bias);
   const int64_t dp = d + (with_bias ? 1 : 0);
   const auto acc = accumulate_type(weight.scalar_type());
-  at::Tensor Q = at::empty({dp, dp}, weight.options().dtype(acc));
-  at::Tensor colsum = at::empty({dp}, weight.options().dtype(acc));
-  if (!with_bias && (weight.scalar_type() == acc || weight.is_cuda())) {
-    add_block(Q, colsum, weight, true);  // no copy of W
-    mirror_lower_block(Q);
-    return {Q, colsum};
+  at::Tensor colsum = weight.sum({0}, /*keepdim=*/false, acc);
+  if (with_bias) colsum = at::cat({colsum, bias->sum({0}, /*keepdim=*/true, acc)});
+  const at::Tensor mean = colsum.div(static_cast<double>(D));
+  const bool center_blocks = weight.scalar_type() == acc;
+  at::Tensor C = at::empty({dp, dp}, weight.options().dtype(acc));
+  if (!with_bias && !center_blocks && weight.is_cuda()) {
+    add_block(C, weight, true);  // no copy of W
+  } else {
+    // Blocks of rows of W' (augmented, centered or upcast), at most ~2^24 elements each: the copy
+    // is one block, never the whole weight.
+    const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(dp, 1));
+    for (int64_t start = 0; start < D; start += rows) {
+      const int64_t len = std::min(rows, D - start);
+      at::Tensor block = weight.narrow(0, start, len);
+      if (with_bias) block = at::cat({block, bias->narrow(0, start, len).unsqueeze(1)}, 1);
+      if (center_blocks) block = block.sub(mean);
+      add_block(C, block, start == 0);
+    }
   }
-  // Blocks of rows of W' = [W | bias] (upcast on the CPU), at most ~2^24 elements each: the
-  // augmented/upcast copy is one block, never the whole weight.
-  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(dp, 1));
-  for (int64_t start = 0; start < D; start += rows) {
-    const int64_t len = std::min(rows, D - start);
-    at::Tensor block = weight.narrow(0, start, len);
-    if (with_bias) block = at::cat({block, bias->narrow(0, start, len).unsqueeze(1)}, 1);
-    add_block(Q, colsum, block, start == 0);
-  }
-  mirror_lower_block(Q);
-  return {Q, colsum};
+  mirror_lower_block(C);
+  if (!center_blocks) C.sub_(at::outer(colsum, mean));
+  return {C, colsum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
@@ -188,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   L.target = target_in.contiguous();
   L.colsum = colsum_in.contiguous();
   const at::Tensor gram = gram_in.contiguous();
-  // p = H'·Q' = H·Q'[:d] + Q'[d] (the bias row), in the accumulate type: an (N, d') buffer.
+  // p = H'·C = H·C[:d] + C[d] (the bias row), in the accumulate type: an (N, d') buffer.
   L.proj = mm_split_bf16(L.input, gram.narrow(0, 0, d));
   if (with_bias) L.proj.add_(gram.narrow(0, d, 1));
   L.ignore_index = ignore_index;
@@ -256,10 +268,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor alpha = coef.select(1, kAlpha), beta = coef.select(1, kBeta);
     const at::Tensor beta_h = h.mul(beta.unsqueeze(1));  // (N, d): O(N·d)
     const at::Tensor m = beta_h.sum(0);
-    const at::Tensor sum_alpha = alpha.sum(), sum_beta = beta.sum();
+    const at::Tensor sum_beta = beta.sum();
+    // The coefficients are centered (∂L/∂o_k = α + β(o_k − μ) + γ[k = c]): the rank-1 row of dW' is
+    // a − M'·w̄'/D (linear_spherical.h), whose entries need w̄ = w̄'[:d] and, with a bias, w̄'[d].
+    const at::Tensor colsum_w = colsum.narrow(0, 0, d);
+    const at::Tensor colsum_b = with_bias ? colsum.select(0, d) : at::Tensor();
+    const double inv_D = 1.0 / static_cast<double>(D);
     if (want_weight) {
-      const at::Tensor a_vec = at::mv(h.t(), alpha);
       const at::Tensor M = mm_split_bf16(input.t(), beta_h);  // Hᵀ·(βH), fp32 accuracy
+      at::Tensor correction = at::mv(M, colsum_w);
+      if (with_bias) correction.add_(m.mul(colsum_b));
+      const at::Tensor a_vec = at::mv(h.t(), alpha).sub_(correction.mul_(inv_D));
       // dW = 1·aᵀ + W·M (+ bias·mᵀ) + scatter: addmm writes the broadcast row and the product into
       // one fresh (D, d) buffer; the rank-1 bias term and the scatter update it in place.
       grad_weight = at::addmm(a_vec.to(dtype).unsqueeze(0).expand({D, d}), weight, M.to(dtype))
@@ -267,8 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       if (with_bias) grad_weight.addr_(*bias, m.to(dtype));
     }
     if (want_bias) {
-      // dbias = Σα·1 + W·m + Σβ·bias + scatter of γ.
-      grad_bias = at::addmv(sum_alpha.to(dtype).expand({D}), weight, m.to(dtype));
+      // dbias = (Σα − (m·w̄ + Σβ·w̄'[d])/D)·1 + W·m + Σβ·bias + scatter of γ.
+      const at::Tensor row = alpha.sum().sub(m.dot(colsum_w).add(sum_beta.mul(colsum_b)).mul(inv_D));
+      grad_bias = at::addmv(row.to(dtype).expand({D}), weight, m.to(dtype));
       grad_bias.add_(bias->mul(sum_beta.to(dtype)));
     }
     if (N > 0) {

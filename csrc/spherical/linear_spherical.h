@@ -1,10 +1,11 @@
 // The fused linear spherical loss (spec/spherical.md, "Fused linear op"): o = W·h + bias is never
-// formed. With the bias folded in as W' = [W | bias], h' = [h, 1], the Gram matrix Q' = W'ᵀW' and the
-// column sums w̄' = W'ᵀ·1 give per row  s = h'·w̄',  q = h'ᵀQ'h' = h'·p  (p = Q'h', the row's
-// "projection"),  o_c = W_c·h + bias_c,  and the row's loss and gradient coefficients (α, β, γ) come
-// from the same row_coefficients() as the logits-level op (spherical_math.h). Then
-//   ∂L/∂h  = α·w̄ + β·p + γ·W_c                     (first d entries of the augmented vectors)
-//   ∂L/∂W' = 1·aᵀ + W'·M' + Σ_n γ_n·e_{c_n}·h'_nᵀ,  a = Σ α_n h'_n,  M' = Σ β_n h'_n h'_nᵀ.
+// formed. With the bias folded in as W' = [W | bias], h' = [h, 1], the column sums w̄' = W'ᵀ·1 and the
+// centered Gram matrix C = Σ_k (W'_k − w̄'/D)(W'_k − w̄'/D)ᵀ give per row  s = h'·w̄',
+// qc = Σ_k (o_k − s/D)² = h'·p  (p = C·h', the row's "projection"),  o_c = W_c·h + bias_c,  and the
+// row's loss and gradient coefficients come from the same row_coefficients() as the logits-level op
+// (spherical_math.h). With ∂L/∂o_k = α + β·(o_k − s/D) + γ·[k = c]:
+//   ∂L/∂h  = α·w̄ + β·p + γ·W_c                                  (first d entries)
+//   ∂L/∂W' = 1·(a − M'·w̄'/D)ᵀ + W'·M' + Σ_n γ_n·e_{c_n}·h'_nᵀ,  a = Σ α_n h'_n,  M' = Σ β_n h'_n h'_nᵀ.
 // This header is the interface between the device-independent half (linear_spherical.cpp: checks,
 // the dense products through at::mm, reductions) and each backend's three row kernels.
 #pragma once
@@ -23,18 +24,34 @@ namespace spherical {
 namespace linear {
 
 // Per-row coefficients saved by the forward, (N, 3) in the accumulate type, already multiplied by
-// the reduction weight (1/count for "mean"). The statistics are taken about 0 (no shift): the
-// factored form has no per-row value to shift by before q is summed.
+// the reduction weight (1/count for "mean"), in the row-centered form
+//   ∂L/∂o_k = α + β·(o_k − μ) + γ·[k = c],   μ = s/D the row's mean logit,
+// which is what the centered Gram matrix C (see gram()) turns into ∂L/∂h = α·w̄ + β·C·h' + γ·W_c.
 constexpr int kAlpha = 0, kBeta = 1, kGamma = 2, kCoefs = 3;
 
-// Forward rows: s, q, o_c -> row_loss, coef; flags out-of-range targets.
+// A row's loss and centered coefficients from s = h'·w̄', the centered spread qc = h'ᵀCh'
+// = Σ(o_k − μ)² and o_c, through the logits-level op's row_coefficients (spherical_math.h). The
+// shift-invariant Z-loss takes its statistics about μ (s − D·μ = 0, no cancellation at all); the
+// other kinds need q about 0, q = qc + s·μ (a sum of two non-negative terms), and their
+// α + β·o_k = (α + β·μ) + β·(o_k − μ). Shared by the CPU and CUDA kernels.
+template <typename acc>
+FT_HOST_DEVICE inline RowCoefficients<acc> centered_row_coefficients(acc s, acc qc, acc oc, acc D,
+                                                                     const Params& p) {
+  const acc mu = s / D;
+  if (shifts_by_target(p.kind)) return row_coefficients<acc>(acc(0), qc, oc - mu, D, p);
+  RowCoefficients<acc> r = row_coefficients<acc>(s, qc + s * mu, oc, D, p);
+  r.alpha += r.beta * mu;
+  return r;
+}
+
+// Forward rows: s, qc, o_c -> row_loss, coef; flags out-of-range targets.
 struct ForwardLaunch {
   at::Tensor input;      // (N, d), stride(1) == 1
   at::Tensor weight;     // (D, d), stride(1) == 1
   at::Tensor bias;       // (D,) contiguous, or undefined
   at::Tensor target;     // (N,) int64 contiguous
   at::Tensor colsum;     // (d',) accumulate type, d' = d + has_bias
-  at::Tensor proj;       // (N, d') accumulate type, contiguous: rows of H'·Q'
+  at::Tensor proj;       // (N, d') accumulate type, contiguous: rows of H'·C
   int64_t ignore_index;
   Params params;
   at::Tensor scale;      // 0-dim accumulate type (1/count for "mean") or undefined for 1
@@ -43,7 +60,8 @@ struct ForwardLaunch {
   at::Tensor bad_target; // int32 (1,), set to 1 when a target is out of range
 };
 
-// Backward rows: grad_input[n] = α·w̄ + β·p_n + γ·W_{c_n} with upstream-scaled coefficients.
+// Backward rows: grad_input[n] = α·w̄ + β·p_n + γ·W_{c_n} with upstream-scaled coefficients
+// (p_n = C·h'_n, the first d entries).
 struct InputGradLaunch {
   at::Tensor weight, target, colsum, proj;
   at::Tensor coef;        // (N, 3) accumulate type, upstream gradient included
@@ -68,7 +86,7 @@ struct Kernels {
   void (*scatter)(const ScatterLaunch&);
 };
 
-// Q' (d', d') and w̄' (d',) in the accumulate type.
+// The centered Gram matrix C (d', d') and the column sums w̄' (d',) in the accumulate type.
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 // (loss, coef, proj): proj is saved for the backward (it spares a second N·d'² product).

@@ -50,19 +50,19 @@ void forward_rows(const ForwardLaunch& L) {
       const scalar_t* h = input + n * in_stride;
       const scalar_t* w = weight + c * w_stride;
       const acc* p = proj + n * dp;
-      acc s = 0, q = 0, oc = 0;
+      acc s = 0, qc = 0, oc = 0;
       for (int64_t k = 0; k < d; ++k) {
         const acc hk = static_cast<acc>(h[k]);
         s += hk * colsum[k];
-        q += hk * p[k];
+        qc += hk * p[k];
         oc += hk * static_cast<acc>(w[k]);
       }
       if (bias) {  // the augmented coordinate h'_d = 1
         s += colsum[d];
-        q += p[d];
+        qc += p[d];
         oc += static_cast<acc>(bias[c]);
       }
-      const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc, Dacc, params);
+      const RowCoefficients<acc> r = centered_row_coefficients<acc>(s, qc, oc, Dacc, params);
       row_loss[n] = r.loss;
       cf[kAlpha] = scale * r.alpha;
       cf[kBeta] = scale * r.beta;

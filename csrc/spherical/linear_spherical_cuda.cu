@@ -49,24 +49,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const scalar_t* h = input + n * in_stride;
   const scalar_t* w = weight + c * w_stride;
   const acc* p = proj + n * dp;
-  acc s = 0, q = 0, oc = 0;
+  acc s = 0, qc = 0, oc = 0;
   for (int64_t k = lane; k < d; k += 32) {
     const acc hk = static_cast<acc>(h[k]);
     s += hk * colsum[k];
-    q += hk * p[k];
+    qc += hk * p[k];
     oc += hk * static_cast<acc>(w[k]);
   }
   s = cuda::warp_sum(s);
-  q = cuda::warp_sum(q);
+  qc = cuda::warp_sum(qc);
   oc = cuda::warp_sum(oc);
   if (lane != 0) return;
   if (bias != nullptr) {  // the augmented coordinate h'_d = 1
     s += colsum[d];
-    q += p[d];
+    qc += p[d];
     oc += static_cast<acc>(bias[c]);
   }
   const acc scale = scale_ptr ? *scale_ptr : acc(1);
-  const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc, static_cast<acc>(D), params);
+  const RowCoefficients<acc> r = centered_row_coefficients<acc>(s, qc, oc, static_cast<acc>(D), params);
   row_loss[n] = r.loss;
   cf[kAlpha] = scale * r.alpha;
   cf[kBeta] = scale * r.beta;
