@@ -5,6 +5,7 @@
 #include "linear_spherical.h"
 
 #include "../common/checks.h"
+#include "../common/cpu_utils.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
@@ -13,6 +14,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/outer.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -74,11 +76,19 @@ void check_statistic(const at::Tensor& t, c10::IntArrayRef shape, at::ScalarType
   check_same_device(t, weight, name, "linear_weight");
 }
 
-// Xᵀ·Y in the accumulate type, for column blocks X, Y of a block of rows of W'. bf16/fp16: cuBLAS
-// multiplies with fp32 accumulation and output (mm's out_dtype); the CPU, which has no such product,
-// gets blocks already upcast.
-at::Tensor block_product(const at::Tensor& X, const at::Tensor& Y, at::ScalarType acc) {
-  return X.scalar_type() == acc ? at::mm(X.t(), Y) : at::mm(X.t(), Y, acc);
+// dst (+)= Xᵀ·Y in the accumulate type, for column blocks X, Y of a block of rows of W'. Same dtype:
+// one GEMM that accumulates in place (fewer, larger ops: on a busy CPU each parallel op pays for
+// its thread barrier). bf16/fp16 (CUDA only: the CPU gets blocks already upcast): cuBLAS with fp32
+// accumulation and output (mm's out_dtype), then an add.
+void accumulate_product(at::Tensor dst, const at::Tensor& X, const at::Tensor& Y, bool first) {
+  if (X.scalar_type() == dst.scalar_type()) {
+    if (first) at::mm_out(dst, X.t(), Y);
+    else dst.addmm_(X.t(), Y);
+    return;
+  }
+  const at::Tensor product = at::mm(X.t(), Y, dst.scalar_type());
+  if (first) dst.copy_(product);
+  else dst.add_(product);
 }
 
 // From this many columns on, Q = AᵀA is formed from its upper 2 x 2 blocks (3/4 of the multiply-adds:
@@ -91,19 +101,15 @@ constexpr int64_t kSymmetricMinColumns = 1024;
 void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   const auto acc = Q.scalar_type();
   const at::Tensor up = A.scalar_type() == acc || A.is_cuda() ? A : A.to(acc);  // a block, never all of W
-  const auto accumulate = [first](at::Tensor dst, const at::Tensor& value) {
-    if (first) dst.copy_(value);
-    else dst.add_(value);
-  };
   const int64_t n = A.size(1);
   if (n < kSymmetricMinColumns) {
-    accumulate(Q, block_product(up, up, acc));
+    accumulate_product(Q, up, up, first);
   } else {
     const int64_t h = n / 2;
     const at::Tensor left = up.narrow(1, 0, h), right = up.narrow(1, h, n - h);
-    accumulate(Q.narrow(0, 0, h).narrow(1, 0, h), block_product(left, left, acc));
-    accumulate(Q.narrow(0, 0, h).narrow(1, h, n - h), block_product(left, right, acc));
-    accumulate(Q.narrow(0, h, n - h).narrow(1, h, n - h), block_product(right, right, acc));
+    accumulate_product(Q.narrow(0, 0, h).narrow(1, 0, h), left, left, first);
+    accumulate_product(Q.narrow(0, 0, h).narrow(1, h, n - h), left, right, first);
+    accumulate_product(Q.narrow(0, h, n - h).narrow(1, h, n - h), right, right, first);
   }
 }
 
@@ -161,14 +167,23 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
   if (!with_bias && !center_blocks && weight.is_cuda()) {
     add_block(C, weight, true);  // no copy of W
   } else {
-    // Blocks of rows of W' (augmented, centered or upcast), at most ~2^24 elements each: the copy
-    // is one block, never the whole weight.
+    // Blocks of rows of W' (augmented, centered or upcast), up to 2^24 elements each: the copy is
+    // one block, never the whole weight, and each product stays large enough for full GEMM rate.
     const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(dp, 1));
+    at::Tensor buffer;  // centered rows, reused by every block
     for (int64_t start = 0; start < D; start += rows) {
       const int64_t len = std::min(rows, D - start);
       at::Tensor block = weight.narrow(0, start, len);
       if (with_bias) block = at::cat({block, bias->narrow(0, start, len).unsqueeze(1)}, 1);
-      if (center_blocks) block = block.sub(mean);
+      if (center_blocks) {
+        if (!buffer.defined()) {
+          buffer = at::empty({std::min(rows, D), dp}, weight.options());
+          if (!buffer.is_cuda()) cpu::advise_huge_pages(buffer.data_ptr(), buffer.nbytes());  // fresh pages
+        }
+        at::Tensor centered = buffer.narrow(0, 0, len);
+        at::sub_out(centered, block, mean);
+        block = centered;
+      }
       add_block(C, block, start == 0);
     }
   }
