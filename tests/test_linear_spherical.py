@@ -465,6 +465,21 @@ def test_torch_compile_fullgraph(device, needs_kernels, backend):
         torch.testing.assert_close(x.grad, r.grad)
 
 
+def test_spherical_head_under_torch_compile(device, needs_kernels):
+    """Under torch.compile the head computes its statistics in the graph (no cache)."""
+    torch._dynamo.reset()
+    head = fusedtrain.nn.SphericalHead(6, 9, device=device, dtype=torch.float64)
+    h, _, _, t = make_case(10, 6, 9, device, torch.float64)
+    x = h.detach().requires_grad_()
+    loss = torch.compile(head, backend="aot_eager", fullgraph=True)(x, t)
+    loss.backward()
+    x_ref = h.detach().requires_grad_()
+    ref = reference(x_ref, head.weight.detach(), t, linear_bias=head.bias.detach())
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def _bad_cases(device):
     h, w, b, t = make_case(4, 3, 5, device)
     return [
