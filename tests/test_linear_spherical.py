@@ -420,6 +420,15 @@ def test_linear_topk_matches_full_topk(device, bias, chunk):
         assert indices.dtype == torch.int64 and values.shape == (33, k)
 
 
+def test_linear_topk_half_precision_ranks_in_fp32(device):
+    h, w, b, _ = make_case(40, 16, 300, device, torch.bfloat16)
+    values, indices = fusedtrain.linear_topk(h, w, 5, linear_bias=b, chunk=64)
+    ref_v, ref_i = F.linear(h.float(), w.float(), b.float()).topk(5)
+    assert values.dtype == torch.bfloat16
+    torch.testing.assert_close(values, ref_v.to(torch.bfloat16))
+    torch.testing.assert_close(F.linear(h.float(), w.float(), b.float()).gather(1, indices), ref_v)
+
+
 def test_linear_topk_errors(device):
     h, w, b, _ = make_case(3, 4, 5, device)
     for kwargs, match in [(dict(k=0), "k must be"), (dict(k=6), "k must be <="), (dict(k=2, chunk=0), "chunk")]:

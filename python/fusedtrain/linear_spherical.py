@@ -120,7 +120,9 @@ def linear_topk(input: torch.Tensor, linear_weight: torch.Tensor, k: int, *,
                 linear_bias: torch.Tensor | None = None, chunk: int = 8192) -> TopK:
     """The k largest logits of `input @ linear_weight.T + linear_bias` per row, largest first, and their
     class indices, for evaluation (no gradient). Streams over `chunk` classes at a time: memory is
-    O(N·(chunk + k)), never the N x D logits. Ties between equal logits resolve in any order."""
+    O(N·(chunk + k)), never the N x D logits. bf16/fp16 logits are formed in fp32 (a chunk of the
+    weight upcast at a time) so that rounding does not create ties; the values come back in the
+    input's dtype. Ties between equal logits resolve in any order."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
@@ -131,11 +133,13 @@ def linear_topk(input: torch.Tensor, linear_weight: torch.Tensor, k: int, *,
     if k > D:
         raise ValueError(f"k must be <= the number of classes {D}, got {k}")
     values = indices = None
+    work = _spherical._accumulate_dtype(input.dtype)
     with torch.no_grad():
+        x = input.to(work)
         for start in range(0, D, chunk):
             stop = min(D, start + chunk)
-            bias = None if linear_bias is None else linear_bias[start:stop]
-            logits = F.linear(input, linear_weight[start:stop], bias)
+            bias = None if linear_bias is None else linear_bias[start:stop].to(work)
+            logits = F.linear(x, linear_weight[start:stop].to(work), bias)
             v, i = logits.topk(min(k, stop - start), dim=-1)
             i += start
             if values is not None:  # merge with the best so far
@@ -143,7 +147,7 @@ def linear_topk(input: torch.Tensor, linear_weight: torch.Tensor, k: int, *,
                 v, pos = merged.topk(min(k, merged.shape[-1]), dim=-1)
                 i = torch.cat([indices, i], dim=-1).gather(-1, pos)
             values, indices = v, i
-    return TopK(values, indices)
+    return TopK(values.to(input.dtype), indices)
 
 
 class LinearSphericalLoss(torch.nn.Module):
