@@ -94,10 +94,12 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
     stats: the weight's :func:`linear_spherical_stats`, when the caller has them (e.g. cached across
       micro-batches by :class:`fusedtrain.nn.SphericalHead`); they must be those of this very
       weight and bias, else the loss is wrong. Computed here when None.
+    check_target: as in :func:`fusedtrain.spherical_loss` (False: out-of-range rows give NaN).
     Numerics: statistics and products accumulate in fp32 (fp64 for fp64). The row spread comes from
-    the centered Gram matrix, so a large common offset of the logits costs no precision in the loss
-    or the input gradient; the weight gradient `W·M + 1·aᵀ` still cancels by about offset/spread,
-    as any factored form must (measured: 2e-5 relative error at offset/spread = 100 in fp32).
+    the centered Gram matrix, so a large common offset of the logits costs the loss no precision;
+    the gradients' `W·M + 1·aᵀ` still cancels by about offset/spread, as any factored form must
+    (measured in fp32, Z-loss, offset/spread = 1000: gradients within 1.2e-5 of float64, the fp32
+    logits path within 3.1e-5; at 100: 1.1e-6).
     """
     _check_tensors(input, linear_weight, target, linear_bias)
     _spherical._check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
