@@ -9,14 +9,15 @@ import time
 
 import torch
 
-from . import bench_frugal, bench_sae, bench_spherical, harness, plot
+from . import bench_frugal, bench_linear_spherical, bench_sae, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
 #   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
 #   optional: TABLE (printed columns, as below) and plot(rows, path, title) (default: plot.plot)
 # A new family is one import and one entry here.
-FAMILIES = {"spherical": bench_spherical, "sae": bench_sae, "frugal": bench_frugal}
+FAMILIES = {"spherical": bench_spherical, "linear": bench_linear_spherical, "sae": bench_sae,
+            "frugal": bench_frugal}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
@@ -44,7 +45,7 @@ def _fmt(value) -> str:
 
 
 def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
-    """Plain-text table, numbers right-aligned, text left-aligned."""
+    """Plain-text table, numbers right-aligned, text left-aligned (a family may name its own columns)."""
     cells = [[_fmt(r.get(key)) for key, _ in table] for r in rows]
     widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(table)]
     numeric = [all(isinstance(r.get(key), (int, float)) or r.get(key) is None for r in rows)

@@ -5,9 +5,11 @@ from . import _backend
 from ._version import __version__
 from . import reference
 from .spherical import spherical_loss
+from .linear_spherical import linear_spherical_loss, linear_spherical_stats, linear_topk
 from . import nn
 from . import optim
 from .optim import frugal_step_
 from . import sae
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference", "optim", "frugal_step_", "sae"]
+__all__ = ["__version__", "spherical_loss", "linear_spherical_loss", "linear_spherical_stats", "linear_topk",
+           "nn", "reference", "optim", "frugal_step_", "sae"]
