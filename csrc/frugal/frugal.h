@@ -62,5 +62,43 @@ Scalars<acc> scalars_for(const StepArgs& a, size_t i) {
   return s;
 }
 
+// Tensor i of a call as raw pointers and its matrix shape: what both backends' loops read (the CUDA
+// kernel gets a table of these copied to the device, so it stays trivially copyable).
+template <typename scalar_t>
+struct TensorPtrs {
+  using acc = acc_t<scalar_t>;
+  scalar_t* w = nullptr;
+  const scalar_t* g = nullptr;
+  scalar_t* m = nullptr;
+  scalar_t* v = nullptr;
+  const int32_t* idx = nullptr;
+  const scalar_t* base = nullptr;
+  const scalar_t* update = nullptr;
+  int64_t rows = 0, cols = 0, k = 0;
+  int kind = kFree;
+  Scalars<acc> s{};
+};
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+template <typename scalar_t>
+TensorPtrs<scalar_t> tensor_ptrs(const StepArgs& a, size_t i) {
+  TensorPtrs<scalar_t> T;
+  T.w = a.params[i].data_ptr<scalar_t>();
+  T.g = a.grads[i].data_ptr<scalar_t>();
+  T.m = ptr_or_null<scalar_t>(a.exp_avgs[i]);
+  T.v = ptr_or_null<scalar_t>(a.exp_avg_sqs[i]);
+  T.idx = ptr_or_null<int32_t>(a.indices[i]);
+  T.base = ptr_or_null<scalar_t>(a.residual_bases[i]);
+  T.update = ptr_or_null<scalar_t>(a.dense_updates[i]);
+  T.rows = matrix_rows(a.params[i]);
+  T.cols = matrix_cols(a.params[i]);
+  T.k = a.indices[i].defined() ? a.indices[i].numel() : 0;
+  T.kind = static_cast<int>(a.kinds[i]);
+  T.s = scalars_for<acc_t<scalar_t>>(a, i);
+  return T;
+}
+
 }  // namespace frugal
 }  // namespace fusedtrain

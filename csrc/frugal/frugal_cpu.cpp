@@ -30,24 +30,6 @@ namespace {
 // Elements per parallel chunk: large enough to amortize the scheduling, small enough to balance.
 constexpr int64_t kChunkElements = 1 << 15;
 
-template <typename scalar_t>
-struct TensorPtrs {
-  using acc = acc_t<scalar_t>;
-  scalar_t* w = nullptr;
-  const scalar_t* g = nullptr;
-  scalar_t* m = nullptr;
-  scalar_t* v = nullptr;
-  const int32_t* idx = nullptr;
-  const scalar_t* base = nullptr;
-  const scalar_t* update = nullptr;
-  int64_t rows = 0, cols = 0, k = 0;
-  int kind = kFree;
-  Scalars<acc> s{};
-};
-
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
-
 // The loops below are written for the auto-vectorizer: the free-update mode is a template
 // parameter (no per-element switch) and the sign is branch-free. AdamW's sqrt is the exception:
 // with errno semantics GCC will not vectorize it, so the AVX2 build spells it with intrinsics, in
@@ -201,19 +183,7 @@ void step_cpu_typed(const StepArgs& a) {
   int64_t max_k = 0;
   for (size_t i = 0; i < a.params.size(); ++i) {
     if (a.params[i].numel() == 0) continue;
-    TensorPtrs<scalar_t> T;
-    T.w = a.params[i].data_ptr<scalar_t>();
-    T.g = a.grads[i].data_ptr<scalar_t>();
-    T.m = ptr_or_null<scalar_t>(a.exp_avgs[i]);
-    T.v = ptr_or_null<scalar_t>(a.exp_avg_sqs[i]);
-    T.idx = ptr_or_null<int32_t>(a.indices[i]);
-    T.base = ptr_or_null<scalar_t>(a.residual_bases[i]);
-    T.update = ptr_or_null<scalar_t>(a.dense_updates[i]);
-    T.rows = matrix_rows(a.params[i]);
-    T.cols = matrix_cols(a.params[i]);
-    T.k = a.indices[i].defined() ? a.indices[i].numel() : 0;
-    T.kind = static_cast<int>(a.kinds[i]);
-    T.s = scalars_for<acc>(a, i);
+    const TensorPtrs<scalar_t> T = tensor_ptrs<scalar_t>(a, i);
     if (T.kind == kColumns) max_k = std::max(max_k, T.k);
     const int64_t per = std::max<int64_t>(1, kChunkElements / T.cols);
     rows_per_chunk.push_back(per);

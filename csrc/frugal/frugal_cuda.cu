@@ -33,28 +33,13 @@ constexpr int64_t kMaxBitmaskBytes = 48 * 1024;  // default dynamic shared memor
 constexpr int64_t kMaxMaskedColumns = kMaxBitmaskBytes * 8;
 
 template <typename scalar_t>
-struct TensorMeta {
-  using acc = acc_t<scalar_t>;
-  scalar_t* w;
-  const scalar_t* g;
-  scalar_t* m;
-  scalar_t* v;
-  const int32_t* idx;
-  const scalar_t* base;
-  const scalar_t* update;
-  int64_t rows, cols, k;
-  int kind;
-  Scalars<acc> s;
-};
+using TensorMeta = TensorPtrs<scalar_t>;  // one entry of the device-side tensor table
 
 struct Task {
   int64_t begin, end;  // rows (rows/columns kinds) or elements (the others)
   int32_t tensor;
   int32_t pad;
 };
-
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
 constexpr int kUnroll = 4;  // elements per thread in flight
 
@@ -205,19 +190,7 @@ void step_cuda_typed(const StepArgs& a) {
   int64_t mask_bytes = 0;
   for (size_t i = 0; i < a.params.size(); ++i) {
     if (a.params[i].numel() == 0) continue;
-    TensorMeta<scalar_t> T;
-    T.w = a.params[i].data_ptr<scalar_t>();
-    T.g = a.grads[i].data_ptr<scalar_t>();
-    T.m = ptr_or_null<scalar_t>(a.exp_avgs[i]);
-    T.v = ptr_or_null<scalar_t>(a.exp_avg_sqs[i]);
-    T.idx = ptr_or_null<int32_t>(a.indices[i]);
-    T.base = ptr_or_null<scalar_t>(a.residual_bases[i]);
-    T.update = ptr_or_null<scalar_t>(a.dense_updates[i]);
-    T.rows = matrix_rows(a.params[i]);
-    T.cols = matrix_cols(a.params[i]);
-    T.k = a.indices[i].defined() ? a.indices[i].numel() : 0;
-    T.kind = static_cast<int>(a.kinds[i]);
-    T.s = scalars_for<acc>(a, i);
+    const TensorMeta<scalar_t> T = tensor_ptrs<scalar_t>(a, i);
     const int32_t id = static_cast<int32_t>(metas.size());
     if (T.kind == kRows || T.kind == kColumns) {
       if (T.kind == kColumns) {
