@@ -5,6 +5,9 @@ from . import _backend
 from ._version import __version__
 from . import reference
 from .spherical import spherical_loss
+from . import mining
+from .mining import batch_hard_mine, multi_similarity_loss, multi_similarity_mine, pair_margin_mine, tcm_loss
 from . import nn
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference"]
+__all__ = ["__version__", "spherical_loss", "nn", "reference", "mining", "multi_similarity_loss",
+           "multi_similarity_mine", "pair_margin_mine", "batch_hard_mine", "tcm_loss"]

@@ -1,4 +1,4 @@
 """Pure-PyTorch, float64-capable references: one module per op family."""
-from . import spherical
+from . import mining, spherical
 
-__all__ = ["spherical"]
+__all__ = ["mining", "spherical"]
