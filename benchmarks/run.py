@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from . import bench_spherical, harness, plot
+from . import bench_mining, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
 #   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
 # A new family is one import and one entry here.
-FAMILIES = {"spherical": bench_spherical}
+FAMILIES = {"spherical": bench_spherical, "mining": bench_mining}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
@@ -42,18 +42,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
     """Plain-text table, numbers right-aligned, text left-aligned."""
-    cells = [[_fmt(r.get(key)) for key, _ in TABLE] for r in rows]
-    widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(TABLE)]
+    cells = [[_fmt(r.get(key)) for key, _ in table] for r in rows]
+    widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(table)]
     numeric = [all(isinstance(r.get(key), (int, float)) or r.get(key) is None for r in rows)
-               for key, _ in TABLE]
+               for key, _ in table]
 
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric)).rstrip()
 
-    return "\n".join([line([title for _, title in TABLE])] + [line(row) for row in cells])
+    return "\n".join([line([title for _, title in table])] + [line(row) for row in cells])
 
 
 def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str) -> list[str]:
@@ -97,7 +97,7 @@ def run(families: list[str] | None, device: str, quick: bool, out_dir: str | Non
         seconds = time.perf_counter() - start
         lines = module.acceptance(rows, device)
         print(f"\n== {family} ({device}{', quick' if quick else ''}): {seconds:.0f} s")
-        print(format_table(rows))
+        print(format_table(rows, getattr(module, "TABLE", TABLE)))  # a family may name its own columns
         print("Acceptance:")
         for line in lines or ["(no acceptance figure at these shapes)"]:
             print("  " + line)

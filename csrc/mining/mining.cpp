@@ -28,7 +28,8 @@ namespace fusedtrain {
 namespace mining {
 
 namespace {
-std::atomic<int64_t> g_tile_elements{int64_t(1) << 22};
+// 8 MiB of fp32: big enough for efficient GEMMs (>= 256 rows up to M = 8192), small next to PML's B×M.
+std::atomic<int64_t> g_tile_elements{int64_t(1) << 21};
 constexpr double kNormEps = 1e-12;  // F.normalize's default
 }  // namespace
 
@@ -166,19 +167,21 @@ void for_each_tile(const Operands& o, Fn&& fn) {
 
 // Gradient through x̂ = x / max(‖x‖, eps): (g − x̂ (x̂·g)) / ‖x‖ where ‖x‖ >= eps, else g / eps
 // (torch's clamp passes the gradient where the value is >= the bound).
-at::Tensor normalize_backward(const at::Tensor& g, const at::Tensor& hat, const at::Tensor& raw,
+at::Tensor normalize_backward(at::Tensor g, const at::Tensor& hat, const at::Tensor& raw,
                               const at::Tensor& clamped) {
   const at::Tensor through = raw.ge(kNormEps).to(g.scalar_type());
-  return (g - hat * ((hat * g).sum(1, true) * through)) / clamped;
+  const at::Tensor proj = hat.unsqueeze(1).bmm(g.unsqueeze(2)).squeeze(2);  // x̂·g per row, no B×d temporary
+  g.addcmul_(hat, proj * through, -1);
+  return g.div_(clamped);
 }
 
 // Backward of an op whose tiles the kernel turns into dL/dS: gradients to embeddings and (when
-// `ref_grad`) to ref_emb, cast to their dtype.
+// `ref_grad`) to ref_emb, cast to their dtype. In-batch, both products accumulate into one buffer.
 std::tuple<at::Tensor, at::Tensor> backward_through_tiles(const Operands& o, TileLaunch L,
                                                           const at::Tensor& stats, bool ref_grad,
                                                           TileKernel kernel) {
-  at::Tensor grad_q = at::empty({o.B, o.d}, o.q_hat.options());
-  const bool want_r = o.in_batch || ref_grad;
+  at::Tensor grad_q = o.in_batch ? at::zeros({o.B, o.d}, o.q_hat.options()) : at::empty({o.B, o.d}, o.q_hat.options());
+  const bool want_r = !o.in_batch && ref_grad;
   at::Tensor grad_r = want_r ? at::zeros({o.M, o.d}, o.q_hat.options()) : at::Tensor();
   for_each_tile(o, [&](int64_t row0, int64_t rows, at::Tensor& S) {
     L.S = S;
@@ -187,16 +190,17 @@ std::tuple<at::Tensor, at::Tensor> backward_through_tiles(const Operands& o, Til
     kernel(L);  // S now holds dL/dS of these rows
     at::Tensor q_rows = o.q_hat.narrow(0, row0, rows);
     at::Tensor g_rows = grad_q.narrow(0, row0, rows);
-    at::mm_out(g_rows, S, o.r_hat);
-    if (want_r) grad_r.addmm_(S.t(), q_rows);
+    if (o.in_batch) {
+      g_rows.addmm_(S, o.r_hat);       // as anchors
+      grad_q.addmm_(S.t(), q_rows);    // as the reference
+    } else {
+      at::mm_out(g_rows, S, o.r_hat);
+      if (want_r) grad_r.addmm_(S.t(), q_rows);
+    }
   });
-  if (o.in_batch) grad_q.add_(grad_r);  // the batch is both the anchors and the reference
   at::Tensor grad_x = normalize_backward(grad_q, o.q_hat, o.x_norm_raw, o.x_norm).to(o.dtype);
-  at::Tensor grad_ref;
-  if (ref_grad && !o.in_batch)
-    grad_ref = normalize_backward(grad_r, o.r_hat, o.r_norm_raw, o.r_norm).to(o.dtype);
-  else
-    grad_ref = at::empty({0}, o.x.options().dtype(o.dtype));
+  at::Tensor grad_ref = want_r ? normalize_backward(grad_r, o.r_hat, o.r_norm_raw, o.r_norm).to(o.dtype)
+                               : at::empty({0}, o.x.options().dtype(o.dtype));
   return {grad_x, grad_ref};
 }
 

@@ -6,7 +6,7 @@ re-exported here from `fusedtrain._mining_classes`.
 Every op normalizes the rows (F.normalize) and walks the batch in row chunks: one at::mm gives a tile
 of S = Ê·R̂ᵀ (bounded rows × all M reference columns) that a C++/CUDA kernel reduces per row
 (thresholds, log-sum-exps, counts). Backward recomputes the tiles. Extra memory: the normalized
-copies, one tile (16 MiB in fp32) and O(B) row statistics.
+copies, one tile (8 MiB in fp32) and O(B) row statistics.
 
 Reference set: `ref_emb=None` (or `ref_emb is embeddings`) means the batch itself, self pairs
 excluded. bfloat16/float16 inputs are computed in float32 (S included) and the loss returned in the
