@@ -28,13 +28,18 @@ namespace fusedtrain {
 namespace mining {
 
 namespace {
-// 8 MiB of fp32: big enough for efficient GEMMs (>= 256 rows up to M = 8192), small next to PML's B×M.
-std::atomic<int64_t> g_tile_elements{int64_t(1) << 21};
+// Tile sizes: big enough for efficient GEMMs, small next to PML's B×M. CPU: 8 MiB of fp32 (>= 256
+// rows up to M = 8192). CUDA: 16 MiB, and at least 128 rows (blocks of row work per tile) however
+// long the rows, so the row kernels fill the GPU.
+constexpr int64_t kCpuTileElements = int64_t(1) << 21;
+constexpr int64_t kCudaTileElements = int64_t(1) << 22;
+constexpr int64_t kCudaMinRows = 128;
+std::atomic<int64_t> g_tile_elements{0};  // 0: the device defaults above
 constexpr double kNormEps = 1e-12;  // F.normalize's default
 }  // namespace
 
 int64_t tile_elements() { return g_tile_elements.load(); }
-void set_tile_elements(int64_t elements) { g_tile_elements.store(std::max<int64_t>(1, elements)); }
+void set_tile_elements(int64_t elements) { g_tile_elements.store(std::max<int64_t>(0, elements)); }
 
 namespace {
 
@@ -136,7 +141,12 @@ Operands prepare(const at::Tensor& embeddings, const at::Tensor& labels, const a
 }
 
 int64_t chunk_rows(const Operands& o) {
-  return std::max<int64_t>(1, std::min<int64_t>(o.B, tile_elements() / std::max<int64_t>(o.M, 1)));
+  const int64_t set = tile_elements();
+  const bool cuda = o.x.is_cuda();
+  const int64_t elements = set > 0 ? set : (cuda ? kCudaTileElements : kCpuTileElements);
+  int64_t rows = elements / std::max<int64_t>(o.M, 1);
+  if (set == 0 && cuda) rows = std::max(rows, kCudaMinRows);
+  return std::max<int64_t>(1, std::min<int64_t>(o.B, rows));
 }
 
 TileLaunch base_launch(const Operands& o, int pass, const Params& params) {
@@ -399,7 +409,7 @@ Params tcm_params(double lambda_plus, double lambda_minus, double margin_plus, d
 namespace {
 int64_t tile_elements_op(int64_t elements) {
   const int64_t previous = tile_elements();
-  if (elements > 0) set_tile_elements(elements);
+  if (elements >= 0) set_tile_elements(elements);
   return previous;
 }
 }  // namespace
@@ -432,6 +442,7 @@ TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
       "Tensor? ref_labels, Tensor row_stats, float lambda_plus, float lambda_minus, "
       "float margin_plus, float margin_minus, bool ref_grad) "
       "-> (Tensor grad_embeddings, Tensor grad_ref_emb)");
-  // Rows x columns of one tile of S (tests use small tiles to cross chunk edges); <= 0 only reads.
+  // Sets the elements of one tile of S (tests use small tiles to cross chunk edges), 0 for the
+  // device defaults, a negative value only reads; returns the previous setting.
   m.def("_mining_tile_elements(int elements) -> int", &fusedtrain::mining::tile_elements_op);
 }

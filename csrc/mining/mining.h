@@ -17,8 +17,7 @@
 namespace fusedtrain {
 namespace mining {
 
-// Elements of one tile of S (8 MiB in fp32). Small enough to stay a bounded extra, large enough
-// that each at::mm is an efficient GEMM. Overridable (tests, tuning) with set_tile_elements.
+// Elements of one tile of S when overridden (tests, tuning), 0 for the device defaults (mining.cpp).
 int64_t tile_elements();
 void set_tile_elements(int64_t elements);
 
