@@ -11,6 +11,7 @@ import sys
 import torch
 
 import fusedtrain
+from fusedtrain import selftest
 from fusedtrain.reference.spherical import spherical_loss as reference
 
 
@@ -58,6 +59,10 @@ def main(small: bool) -> None:
     except ValueError:
         pass
     torch.cuda.synchronize()
+    # Every family's small end-to-end checks (fusedtrain.selftest) run under the sanitizer too.
+    failures = selftest.run(["cuda"])
+    torch.cuda.synchronize()
+    assert failures == 0, f"{failures} selftest checks failed on CUDA"
     print("sanitizer cases passed")
 
 

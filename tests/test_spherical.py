@@ -198,6 +198,15 @@ def test_gradcheck_float64(device, kind, reduction):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def test_double_backward_refused(device, needs_kernels):
+    # The kernels' gradient carries no graph: create_graph=True must fail loudly, not return a
+    # gradient whose second-order terms are silently zero.
+    logits, target = make_case(4, 5, device, torch.float64)
+    loss = fusedtrain.spherical_loss(logits.requires_grad_(), target, "z")
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_every_output_element_written(device, kind, reduction):

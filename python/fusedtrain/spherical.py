@@ -150,6 +150,11 @@ def _backward(ctx, grad_loss, _grad_of_grad, _grad_of_coef):
     logits, target, grad, coef = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or grad_loss is None:
         return (None,) * 11
+    if torch.is_grad_enabled() and not _is_traced(logits):
+        # create_graph=True: the kernels' gradient has no graph of its own, and returning it
+        # detached would make every second-order term silently zero.
+        raise NotImplementedError("fusedtrain.spherical_loss does not support double backward "
+                                  "(create_graph=True); use fusedtrain.reference.spherical_loss")
     fused = grad.numel() == logits.numel() and logits.numel() > 0
     if fused and not ctx.fused_grad_used and not _is_traced(grad):
         # The forward already wrote dL/dlogits (reduction weight included): scale it by the
