@@ -368,6 +368,19 @@ def test_backward_twice_and_no_grad(device):
         assert not fm.multi_similarity_loss(xx, labels, r, rl).requires_grad
 
 
+def test_double_backward_refused(device, needs_kernels):
+    x, labels, r, rl = make_case(8, 10, 4, 3, device)
+    for fn in (fm.multi_similarity_loss, fm.tcm_loss):
+        xx = x.clone().requires_grad_()
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(fn(xx, labels, r, rl), xx, create_graph=True)
+
+
+def test_selftest_mining(device):
+    from fusedtrain import selftest
+    assert selftest.run([device], ["mining"], verbose=False) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Scale: memory bound and a large in-batch run (in-process RSS measurement, see benchmarks/harness.py)
 

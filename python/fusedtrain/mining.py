@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _backend
 from .reference import mining as _reference
@@ -211,6 +212,14 @@ def _fake_batch_hard(embeddings, labels, ref_emb, ref_labels):
     return tuple(labels.new_empty((n,), dtype=torch.long) for _ in range(3))
 
 
+def _refuse_double_backward(op: str, t: torch.Tensor) -> None:
+    # create_graph=True: the kernels' gradient has no graph of its own, and returning it detached
+    # would make every second-order term silently zero.
+    if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or is_fake(t)):
+        raise NotImplementedError(f"fusedtrain.{op} does not support double backward (create_graph=True); "
+                                  f"use fusedtrain.reference.mining.{op}")
+
+
 def _setup_ms(ctx, inputs, output):
     embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine = inputs
     _, stats = output
@@ -225,6 +234,7 @@ def _backward_ms(ctx, grad_loss, _grad_stats):
     need_x, need_r = ctx.needs_input_grad[0], ref_emb is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (need_x or need_r):
         return (None,) * 10
+    _refuse_double_backward("multi_similarity_loss", embeddings)
     gx, gr = torch.ops.fusedtrain._multi_similarity_loss_backward(
         grad_loss, embeddings, labels, ref_emb, ref_labels, self_index, stats, *ctx.hyper, need_r)
     return (gx if need_x else None, None, gr if need_r else None) + (None,) * 7
@@ -244,6 +254,7 @@ def _backward_tcm(ctx, grad_loss, _grad_stats):
     need_x, need_r = ctx.needs_input_grad[0], ref_emb is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (need_x or need_r):
         return (None,) * 8
+    _refuse_double_backward("tcm_loss", embeddings)
     gx, gr = torch.ops.fusedtrain._tcm_loss_backward(grad_loss, embeddings, labels, ref_emb, ref_labels,
                                                      stats, *ctx.hyper, need_r)
     return (gx if need_x else None, None, gr if need_r else None) + (None,) * 5
