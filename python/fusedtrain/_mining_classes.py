@@ -142,6 +142,8 @@ class MultiSimilarityLoss(torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if labels is None and indices_tuple is None:
             raise ValueError("labels and indices_tuple cannot both be None")
+        if isinstance(labels, torch.Tensor):
+            labels = labels.to(embeddings.device)  # as PML
         ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None:
             return self.fused(embeddings, labels, ref_emb, ref_labels)
@@ -208,6 +210,8 @@ class ThresholdConsistentMarginLoss(torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if labels is None and indices_tuple is None:
             raise ValueError("labels and indices_tuple cannot both be None")
+        if isinstance(labels, torch.Tensor):
+            labels = labels.to(embeddings.device)  # as PML
         ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None:
             return _ops.tcm_loss(embeddings, labels, ref_emb, ref_labels, lambda_plus=self.lambda_plus,
