@@ -321,6 +321,19 @@ def test_gradcheck_tcm(device, needs_kernels):
     torch.autograd.gradcheck(lambda a: fm.tcm_loss(a, labels, **kw), (x,))
 
 
+def test_gradcheck_pair_list_paths(device):
+    """The classes' pair-list paths (chunked cosine of index lists) for both losses."""
+    x, labels, r, rl = make_case(9, 11, 4, 3, device)
+    x.requires_grad_()
+    r.requires_grad_()
+    mined = ref.multi_similarity_mine(x, labels, r, rl, epsilon=0.3)
+    torch.autograd.gradcheck(lambda a, b: fm.MultiSimilarityLoss()(a, labels, mined, b, rl), (x, r))
+    tcm = fm.ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=-0.2)
+    torch.autograd.gradcheck(lambda a, b: tcm(a, labels, mined, b, rl), (x, r))
+    in_batch = ref.batch_hard_mine(x, labels)
+    torch.autograd.gradcheck(lambda a: fm.MultiSimilarityLoss()(a, labels, in_batch), (x,))
+
+
 def test_opcheck(device, needs_kernels):
     x, labels, r, rl = make_case(7, 9, 5, 3, device)
     x.requires_grad_()

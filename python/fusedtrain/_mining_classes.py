@@ -102,10 +102,42 @@ def _convert_to_pairs(indices_tuple):
     raise ValueError(f"indices_tuple must have 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {len(indices_tuple)}")
 
 
+class _PairCosine(torch.autograd.Function):
+    """s_k = q̂[a_k]·r̂[o_k] over pair lists, in chunks: neither direction holds a (pairs × d)
+    gather (mining can return B·M pairs: 16M pairs of 256 floats would be 16 GiB)."""
+
+    @staticmethod
+    def forward(ctx, q_hat, r_hat, anchors, others):
+        ctx.save_for_backward(q_hat, r_hat, anchors, others)
+        out = q_hat.new_empty(anchors.shape[0])
+        for b, e in _chunks(anchors.shape[0], q_hat.shape[1]):
+            out[b:e] = (q_hat[anchors[b:e]] * r_hat[others[b:e]]).sum(1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_hat, r_hat, anchors, others = ctx.saved_tensors
+        gq = torch.zeros_like(q_hat) if ctx.needs_input_grad[0] else None
+        gr = torch.zeros_like(r_hat) if ctx.needs_input_grad[1] else None
+        for b, e in _chunks(anchors.shape[0], q_hat.shape[1]):
+            g = grad[b:e, None]
+            if gq is not None:
+                gq.index_add_(0, anchors[b:e], g * r_hat[others[b:e]])
+            if gr is not None:
+                gr.index_add_(0, others[b:e], g * q_hat[anchors[b:e]])
+        return gq, gr, None, None
+
+
+def _chunks(n: int, d: int, elements: int = 1 << 22):
+    step = max(1, elements // max(d, 1))
+    return [(b, min(n, b + step)) for b in range(0, n, step)]
+
+
 def _pair_similarities(embeddings, ref_emb, anchors, others):
+    """Cosine similarity of the pairs (rows F.normalize'd as in PML's CosineSimilarity)."""
     q = F.normalize(embeddings, dim=1)
     r = q if ref_emb is None else F.normalize(ref_emb, dim=1)
-    return (q[anchors] * r[others]).sum(1)
+    return _PairCosine.apply(q, r, anchors.to(q.device).long(), others.to(q.device).long())
 
 
 def _log1p_sum_exp_by_anchor(x: torch.Tensor, anchors: torch.Tensor, B: int) -> torch.Tensor:
@@ -218,9 +250,8 @@ class ThresholdConsistentMarginLoss(torch.nn.Module):
                                  lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
                                  margin_minus=self.margin_minus)
         ap, p, an, n = _convert_to_pairs(indices_tuple)
-        ref = embeddings if ref_emb is None else ref_emb
-        pos = F.cosine_similarity(embeddings[ap], ref[p])
-        neg = F.cosine_similarity(embeddings[an], ref[n])
+        pos = _pair_similarities(embeddings, ref_emb, ap, p)
+        neg = _pair_similarities(embeddings, ref_emb, an, n)
         act_pos, act_neg = pos <= self.margin_plus, neg >= self.margin_minus
         zero = _zero_loss(embeddings)
         pos_term = torch.where(act_pos.any(), ((self.margin_plus - pos) * act_pos).sum() / act_pos.sum().clamp_min(1),
