@@ -424,6 +424,16 @@ def test_memory_bound_against_large_reference_set(needs_kernels_cpu):
     extra = _peak_extra_mib(step)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert extra < 256, f"{extra:.1f} MiB extra"
+    # A trainable reference set: its gradient (32 MiB) and normalized copy on top, still bounded.
+    r.requires_grad_()
+
+    def step_with_ref_grad():
+        x.grad = r.grad = None
+        fm.multi_similarity_loss(x, labels, r, rl).backward()
+
+    extra = _peak_extra_mib(step_with_ref_grad)
+    assert torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+    assert extra < 256, f"{extra:.1f} MiB extra with ref_emb.requires_grad"
 
 
 @pytest.fixture
