@@ -513,6 +513,9 @@ def test_pml_multi_similarity_parity(device, tiles, dtype, ref_mode, labels_kind
     lp = pml_losses.MultiSimilarityLoss()(xp, labels, pml_miners.MultiSimilarityMiner(0.1)(xp, labels, rp, rl),
                                           rp, rl)
     lo = fm.MultiSimilarityLoss(miner=fm.MultiSimilarityMiner(0.1))(xo, labels, None, ro, rl)
+    # PML's usual call shape takes the fused path too (the miner's lazy tuple is never read).
+    lo_usual = fm.MultiSimilarityLoss()(xo, labels, fm.MultiSimilarityMiner(0.1)(xo, labels, ro, rl), ro, rl)
+    assert torch.equal(lo_usual, lo)
     if pairs(*pm[:2]) != pairs(*om[:2]) or pairs(*pm[2:]) != pairs(*om[2:]):
         pytest.skip("a pair at a mining threshold tipped differently (tie)")
     assert abs(lo.item() - lp.item()) <= (1e-6 if dtype == torch.float64 else 1e-5) * max(1.0, abs(lp.item()))
@@ -626,6 +629,26 @@ def test_pml_quirk_at_most_one_pair_gives_zero(device):
     x1 = x[:1]
     assert fm.MultiSimilarityLoss()(x1, labels[:1]).item() == 0.0 == pml_losses.MultiSimilarityLoss()(
         x1, labels[:1]).item()
+
+
+def test_mined_pairs_fuse_only_with_their_own_inputs(device, monkeypatch):
+    x, labels, r, rl = make_case(30, 40, 6, 4, device)
+    miner, loss_fn = fm.MultiSimilarityMiner(0.2), fm.MultiSimilarityLoss()
+    fused = fm.MultiSimilarityLoss(miner=miner)(x, labels, None, r, rl)
+    lazy = miner(x, labels, r, rl)
+    assert repr(lazy).startswith("MinedPairs(unread")
+    with monkeypatch.context() as m:  # the fused path: the pair-list path must not run
+        m.setattr(fm.MultiSimilarityLoss, "from_pairs", lambda *a: pytest.fail("pair-list path taken"))
+        assert torch.equal(loss_fn(x, labels, lazy, r, rl), fused)
+    assert repr(lazy).startswith("MinedPairs(unread")
+    # Read (unpacked, indexed, sliced), it is PML's tuple; on other inputs it is just pairs.
+    a1, p, a2, n = lazy
+    want = ref.multi_similarity_mine(x, labels, r, rl, epsilon=0.2)
+    assert pairs(a1, p) == pairs(*want[:2]) and pairs(*lazy[2:]) == pairs(*want[2:]) and len(lazy) == 4
+    torch.testing.assert_close(loss_fn(x, labels, lazy, r, rl), fused, rtol=1e-12, atol=1e-12)
+    other = x.clone()
+    torch.testing.assert_close(loss_fn(other, labels, lazy, r, rl),
+                               loss_fn(other, labels, tuple(lazy), r, rl), rtol=0, atol=0)
 
 
 def test_classes_reject_unsupported_options():

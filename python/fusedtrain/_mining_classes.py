@@ -12,15 +12,18 @@ the import. Differences from PML, all deliberate:
 * `ref_emb` without `ref_labels` uses `labels` as the reference labels (as PML does).
 * Only PML's defaults are supported: cosine similarity, MeanReducer, no regularizers; other keyword
   arguments raise TypeError.
-* `MultiSimilarityLoss(miner=MultiSimilarityMiner(eps))` (an addition): called without an
-  indices_tuple it mines and computes the loss in one fused op. Passing the miner's tuple works too
-  (the pair-list path), as in PML.
+* Fusion: `MultiSimilarityMiner` returns a lazy `MinedPairs` tuple; PML's usual
+  `loss(emb, labels, miner(emb, labels))` then runs one fused mining + loss op (no index lists), as
+  does `MultiSimilarityLoss(miner=MultiSimilarityMiner(eps))(emb, labels)` (an addition). Any other
+  tuple takes the pair-list path, as in PML.
 * `ThresholdConsistentMarginLoss` honours `ref_emb` (PML 2.9.0 ignores it).
 
 Kept PML quirk: `MultiSimilarityLoss` returns 0 (as `sum(embeddings * 0)`) when every index list of
 the pairs it would use has at most one element.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +58,44 @@ class _Miner(torch.nn.Module):
         return self.mine(embeddings, labels, ref_emb, ref_labels)
 
 
+class MinedPairs(Sequence):
+    """What `MultiSimilarityMiner` returns: the `(a1, p, a2, n)` int64 tuple, mined on first access.
+
+    It behaves as PML's tuple (len 4, indexing, slicing, unpacking). Handed unread to
+    `MultiSimilarityLoss` with the same embeddings/labels/reference objects it was mined from — PML's
+    usual `loss(emb, labels, miner(emb, labels))` — the loss runs the fused mining + loss op and the
+    B·M-sized index lists are never built. Mining reads the embeddings' values at first access.
+    """
+
+    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
+        self.miner, self._source = miner, (embeddings, labels, ref_emb, ref_labels)
+        self._pairs = None
+
+    def _get(self) -> tuple:
+        if self._pairs is None:
+            embeddings, labels, ref_emb, ref_labels = self._source
+            self._pairs = _ops.multi_similarity_mine(embeddings, labels, ref_emb, ref_labels,
+                                                     epsilon=self.miner.epsilon)
+        return self._pairs
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index):
+        return self._get()[index]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __repr__(self) -> str:
+        return f"MinedPairs({'unread' if self._pairs is None else self._pairs})"
+
+    def mined_from(self, embeddings, labels, ref_emb, ref_labels) -> bool:
+        return all(a is b for a, b in zip(self._source, (embeddings, labels, ref_emb, ref_labels)))
+
+
 class MultiSimilarityMiner(_Miner):
-    """PML `MultiSimilarityMiner(epsilon)`: returns `(a1, p, a2, n)` (int64)."""
+    """PML `MultiSimilarityMiner(epsilon)`: returns `(a1, p, a2, n)` (int64) as a `MinedPairs`."""
 
     def __init__(self, epsilon: float = 0.1, **kwargs):
         super().__init__()
@@ -64,7 +103,8 @@ class MultiSimilarityMiner(_Miner):
         self.epsilon = _ops._check_finite("epsilon", epsilon)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        return _ops.multi_similarity_mine(embeddings, labels, ref_emb, ref_labels, epsilon=self.epsilon)
+        _ops._operands(embeddings, labels, ref_emb, ref_labels)  # bad input fails here, not later
+        return MinedPairs(self, embeddings, labels, ref_emb, ref_labels)
 
 
 class PairMarginMiner(_Miner):
@@ -179,6 +219,8 @@ class MultiSimilarityLoss(torch.nn.Module):
         ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple is None:
             return self.fused(embeddings, labels, ref_emb, ref_labels)
+        if isinstance(indices_tuple, MinedPairs) and indices_tuple.mined_from(embeddings, labels, ref_emb, ref_labels):
+            return self.fused(embeddings, labels, ref_emb, ref_labels, miner=indices_tuple.miner)
         return self.from_pairs(embeddings, indices_tuple, ref_emb)
 
     def fused(self, embeddings, labels, ref_emb, ref_labels, self_index=None, miner=_OWN_MINER):

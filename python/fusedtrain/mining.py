@@ -277,9 +277,9 @@ def _register() -> None:
 _register()
 
 from ._mining_classes import (  # noqa: E402  (the classes use the functional ops above)
-    BatchHardMiner, CrossBatchMemory, MultiSimilarityLoss, MultiSimilarityMiner, PairMarginMiner,
+    BatchHardMiner, CrossBatchMemory, MinedPairs, MultiSimilarityLoss, MultiSimilarityMiner, PairMarginMiner,
     ThresholdConsistentMarginLoss)
 
 __all__ = ["multi_similarity_loss", "multi_similarity_mine", "pair_margin_mine", "batch_hard_mine", "tcm_loss",
-           "MultiSimilarityMiner", "MultiSimilarityLoss", "BatchHardMiner", "PairMarginMiner",
+           "MultiSimilarityMiner", "MinedPairs", "MultiSimilarityLoss", "BatchHardMiner", "PairMarginMiner",
            "ThresholdConsistentMarginLoss", "CrossBatchMemory"]
