@@ -131,15 +131,19 @@ def test_ms_loss_rows_without_positives_or_negatives(device, tiles, labels_kind,
                1e-10)
 
 
-def test_ms_loss_self_index(device, tiles):
-    """Cross-batch memory: each anchor's own column counts for the thresholds, not as a positive."""
-    x, labels, r, rl = make_case(20, 45, 7, 3, device)
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+def test_ms_loss_self_index(device, tiles, dtype, tol):
+    """Cross-batch memory: each anchor's own column counts for the thresholds, not as a positive.
+    Also arbitrary self_index values: a negative column stays a negative, -1 or >= M drop nothing."""
+    x, labels, r, rl = make_case(20, 45, 7, 3, device, dtype)
     slots = torch.randperm(45, device=device)[:20]
     r[slots] = x  # the batch was written into the memory
     rl[slots] = labels
-    for mine in (True, False):
-        check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r, rl, 1e-10, ref_grad=False,
-                   mine=mine, self_index=slots)
+    arbitrary = torch.randint(-1, 47, (20,), device=device)
+    for index in (slots, arbitrary):
+        for mine in (True, False):
+            check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r, rl, tol, ref_grad=False,
+                       mine=mine, self_index=index)
 
 
 def test_ms_loss_ref_same_object_is_in_batch(device):

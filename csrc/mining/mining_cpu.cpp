@@ -3,7 +3,6 @@
 // or gradient). The tiles themselves come from at::mm in the driver (mining.cpp).
 #include "mining.h"
 #include "mining_cpu_simd.h"
-#include "../common/dispatch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
