@@ -192,8 +192,9 @@ def test_ms_loss_bfloat16_within_float32_error(device):
     x, labels, r, rl = make_case(40, 60, 16, 5, device, torch.bfloat16)
     loss = fm.multi_similarity_loss(x, labels, r, rl)
     assert loss.dtype == torch.bfloat16
-    expect = ref.multi_similarity_loss(x.float(), labels, r.float(), rl).to(torch.bfloat16)
-    assert loss.item() == expect.item()
+    expect = ref.multi_similarity_loss(x.float(), labels, r.float(), rl)
+    # Within one bf16 rounding of the fp32 value (GEMM summation order may differ in the last bits).
+    assert abs(loss.item() - expect.item()) <= 2 ** -8 * abs(expect.item())
 
 
 def test_ms_loss_bad_input(device):
