@@ -18,8 +18,10 @@ from fusedtrain.reference import mining as reference
 
 if __package__:
     from . import harness
+    from . import plot as _plot
 else:  # run as a script: no parent package for a relative import
     from fusedtrain.benchmarks import harness
+    from fusedtrain.benchmarks import plot as _plot
 
 OP = "multi_similarity_loss"
 
@@ -31,7 +33,7 @@ CUDA_SHAPES = [(8192, None, 512, ("ours", "pml", "reference")), (1024, 65536, 12
                (32768, None, 512, ("ours", "pml")), (65536, None, 512, ("ours",))]
 CUDA_QUICK = CUDA_SHAPES[:1]
 
-ROW_FIELDS = ["family", "op", "impl", "case", "B", "M", "d", "dtype", "device_name", "torch", "cuda", "commit", "pass",
+ROW_FIELDS = ["family", "op", "impl", "B", "M", "d", "dtype", "device_name", "torch", "cuda", "commit", "pass",
               "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "repeats", "tflops", "speedup_vs_pml",
               "memory_ratio_vs_pml", "used_kernel", "note"]
 
@@ -103,8 +105,7 @@ def _shape_rows(B, M, d, impls, device) -> list[dict]:
 
     rows = []
     for impl, spec in _implementations(impls).items():
-        case = f"B={B} {'in-batch' if in_batch else f'M={M}'} d={d}"
-        base = dict(impl=impl, case=case, B=B, M=M_eff, d=d, dtype="float32", pass_="fwd+bwd")
+        base = dict(impl=impl, B=B, M=M_eff, d=d, dtype="float32", pass_="fwd+bwd")
         if isinstance(spec, str):
             rows.append(_row(**base, note=f"skipped: {spec}"))
             continue
@@ -151,6 +152,11 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
         row.update(family="mining", op=OP, device_name=env["device_name"], torch=env["torch"],
                    cuda=env["cuda"], commit=env["commit"])
     return [{k: row[k] for k in ROW_FIELDS} for row in rows]
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """The shared bar plot (plot.plot), one group per (B, M, d)."""
+    return _plot.plot([{**r, "N": r["B"], "D": r["M"], "kind": f"d={r['d']}"} for r in rows], path, title)
 
 
 def acceptance(rows: list[dict], device: str) -> list[str]:

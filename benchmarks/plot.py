@@ -5,8 +5,6 @@ import math
 
 
 def _case(row: dict) -> str:
-    if "case" in row:  # a family that names its shapes itself
-        return row["case"]
     return f"{row['N']}x{row['D']} {row['dtype']} {row['kind']}"
 
 

@@ -9,13 +9,14 @@ import time
 
 import torch
 
-from . import bench_mining, bench_spherical, harness, plot
+from . import bench_frugal, bench_mining, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
 #   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
+#   optional: TABLE (printed columns, as below) and plot(rows, path, title) (default: plot.plot)
 # A new family is one import and one entry here.
-FAMILIES = {"spherical": bench_spherical, "mining": bench_mining}
+FAMILIES = {"spherical": bench_spherical, "frugal": bench_frugal, "mining": bench_mining}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
@@ -42,7 +43,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
+def format_table(rows: list[dict], table=TABLE) -> str:
     """Plain-text table, numbers right-aligned, text left-aligned."""
     cells = [[_fmt(r.get(key)) for key, _ in table] for r in rows]
     widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(table)]
@@ -56,7 +57,7 @@ def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
     return "\n".join([line([title for _, title in table])] + [line(row) for row in cells])
 
 
-def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str) -> list[str]:
+def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str, plotter=plot.plot) -> list[str]:
     """<family>_<device>_<time>.csv/.json/.png under out_dir; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     env = meta["environment"]
@@ -70,7 +71,7 @@ def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str) -> li
         json.dump({**meta, "rows": rows}, f, indent=1)
     written = [stem + ".csv", stem + ".json"]
     title = f"{family} on {env['device_name']}, torch {env['torch']}, commit {env['commit']}"
-    if plot.plot(rows, stem + ".png", title):
+    if plotter(rows, stem + ".png", title):
         written.append(stem + ".png")
     else:
         print("(matplotlib is not installed: no PNG plot; `pip install matplotlib` for one)")
@@ -97,13 +98,13 @@ def run(families: list[str] | None, device: str, quick: bool, out_dir: str | Non
         seconds = time.perf_counter() - start
         lines = module.acceptance(rows, device)
         print(f"\n== {family} ({device}{', quick' if quick else ''}): {seconds:.0f} s")
-        print(format_table(rows, getattr(module, "TABLE", TABLE)))  # a family may name its own columns
+        print(format_table(rows, getattr(module, "TABLE", TABLE)))
         print("Acceptance:")
         for line in lines or ["(no acceptance figure at these shapes)"]:
             print("  " + line)
         meta = {"family": family, "environment": env, "copy_bandwidth_gbps": copy_gbps, "quick": quick,
                 "seconds": seconds, "acceptance": lines}
-        for path in write_outputs(family, rows, meta, out_dir):
+        for path in write_outputs(family, rows, meta, out_dir, getattr(module, "plot", plot.plot)):
             print(f"wrote {path}")
         all_rows += rows
     return all_rows

@@ -36,6 +36,46 @@ def spherical_case(n: int, d: int, dtype: torch.dtype, kind: str, reduction: str
     assert grad_err < tol and loss_err < tol, (n, d, dtype, kind, reduction, loss_err, grad_err)
 
 
+def frugal_case(dtype: torch.dtype) -> None:
+    """One fused FRUGAL step over every kind (dense, columns, rows, free, residual, an empty
+    tensor, more columns than a block's threads), against the reference step in float64."""
+    from fusedtrain.reference import frugal as ref
+
+    gen = torch.Generator().manual_seed(0)
+
+    def lists(device, dt):
+        def rnd(*shape, positive=False):
+            t = torch.randn(shape, generator=gen, dtype=torch.float64)
+            return (t.abs() if positive else t).to(device=device, dtype=dt)
+        empty = torch.empty(0, device=device, dtype=dt)
+        none = torch.empty(0, device=device, dtype=torch.int32)
+        cols = torch.tensor([0, 5, 6, 300, 999], dtype=torch.int32, device=device)
+        rows = torch.tensor([1, 4], dtype=torch.int32, device=device)
+        cases = [(rnd(33, 1000), ref.COLUMNS, rnd(33, 5), rnd(33, 5, positive=True), cols, empty, empty, 3),
+                 (rnd(6, 257), ref.ROWS, rnd(2, 257), rnd(2, 257, positive=True), rows, empty, empty, 2),
+                 (rnd(7, 9), ref.DENSE, rnd(7, 9), rnd(7, 9, positive=True), none, empty, empty, 1),
+                 (rnd(40000), ref.FREE, empty, empty, none, empty, empty, 0),
+                 (rnd(0, 3), ref.FREE, empty, empty, none, empty, empty, 0),
+                 (rnd(5, 11), ref.RESIDUAL, empty, empty, none, rnd(5, 11), rnd(5, 11), 0)]
+        p, kinds, m, v, idx, base, upd, steps = (list(x) for x in zip(*cases))
+        g = [rnd(*t.shape) for t in p]
+        return dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, indices=idx, kinds=kinds, steps=steps,
+                    residual_bases=base, dense_updates=upd)
+
+    hyper = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, free_lr_scale=0.5)
+    state = gen.get_state()
+    ours = lists("cuda", dtype)
+    gen.set_state(state)
+    theirs = lists("cpu", torch.float64)
+    fusedtrain.frugal_step_(**ours, **hyper)
+    ref.frugal_step_(**theirs, **hyper)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for a, b in zip(ours[key], theirs[key]):
+            err = ((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+            assert err < tol, ("frugal_step_", key, dtype, err)
+
+
 def main(small: bool) -> None:
     torch.manual_seed(0)
     cases = [
@@ -58,6 +98,9 @@ def main(small: bool) -> None:
         raise AssertionError("out-of-range target did not raise")
     except ValueError:
         pass
+    frugal_case(torch.float32)
+    if not small:
+        frugal_case(torch.bfloat16)
     torch.cuda.synchronize()
     # Every family's small end-to-end checks (fusedtrain.selftest) run under the sanitizer too.
     failures = selftest.run(["cuda"])

@@ -8,6 +8,8 @@ from .spherical import spherical_loss
 from . import mining
 from .mining import batch_hard_mine, multi_similarity_loss, multi_similarity_mine, pair_margin_mine, tcm_loss
 from . import nn
+from . import optim
+from .optim import frugal_step_
 
-__all__ = ["__version__", "spherical_loss", "nn", "reference", "mining", "multi_similarity_loss",
-           "multi_similarity_mine", "pair_margin_mine", "batch_hard_mine", "tcm_loss"]
+__all__ = ["__version__", "spherical_loss", "nn", "reference", "optim", "frugal_step_", "mining",
+           "multi_similarity_loss", "multi_similarity_mine", "pair_margin_mine", "batch_hard_mine", "tcm_loss"]

@@ -89,8 +89,32 @@ def check_mining(device: str) -> list[Check]:
     return checks
 
 
+def check_frugal(device: str) -> list[Check]:
+    """The fused FRUGAL step against the reference optimizer in fp64: 30 steps, refreshes included."""
+    from .optim import FRUGAL
+    from .reference.frugal import FRUGALReference
+
+    checks = []
+    for proj in ("columns", "rows", "block", "svd", "random"):
+        gen = torch.Generator().manual_seed(0)
+        ours = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in ((48, 64), (64,))]
+        theirs = [p.clone() for p in ours]
+        opts = [cls(ps, lr=1e-2, density=0.25, proj=proj, update_gap=10, seed=0)
+                for cls, ps in ((FRUGAL, ours), (FRUGALReference, theirs))]
+        for _ in range(30):
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device) for p in ours]
+            for params, opt in zip((ours, theirs), opts):
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+        err = max(rel_err(a, b) for a, b in zip(ours, theirs))
+        checks.append(Check(f"FRUGAL proj={proj}", err, 1e-10))
+    return checks
+
+
 # family -> check function; a new family is one entry here.
-CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "mining": check_mining}
+CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "frugal": check_frugal,
+                                                   "mining": check_mining}
 
 
 def run(devices: list[str], families: list[str] | None = None, *, verbose: bool = True) -> int:

@@ -1,4 +1,4 @@
 """Pure-PyTorch, float64-capable references: one module per op family."""
-from . import mining, spherical
+from . import frugal, mining, spherical
 
-__all__ = ["mining", "spherical"]
+__all__ = ["frugal", "mining", "spherical"]
