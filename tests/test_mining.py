@@ -230,15 +230,15 @@ def test_compiled_op_checks_its_arguments(device, needs_kernels):
     x, labels, r, rl = make_case(6, 8, 3, 2, device)
     op = torch.ops.fusedtrain.multi_similarity_loss
     cases = [
-        (lambda: op(x[0], labels, None, None, None, 2.0, 50.0, 0.5, 0.1, True), "embeddings"),
-        (lambda: op(x, labels[:2], None, None, None, 2.0, 50.0, 0.5, 0.1, True), "labels"),
-        (lambda: op(x, labels.int(), None, None, None, 2.0, 50.0, 0.5, 0.1, True), "labels"),
-        (lambda: op(x, labels, r, None, None, 2.0, 50.0, 0.5, 0.1, True), "ref_labels"),
-        (lambda: op(x, labels, r, rl[:3], None, 2.0, 50.0, 0.5, 0.1, True), "ref_labels"),
-        (lambda: op(x, labels, r, rl, labels[:2], 2.0, 50.0, 0.5, 0.1, True), "self_index"),
-        (lambda: op(x, labels, None, None, None, -2.0, 50.0, 0.5, 0.1, True), "alpha"),
-        (lambda: op(x, labels, None, None, None, 2.0, 0.0, 0.5, 0.1, True), "beta"),
-        (lambda: op(x, labels, None, None, None, 2.0, 50.0, 0.5, float("nan"), True), "epsilon"),
+        (lambda: op(x[0], labels, None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "embeddings"),
+        (lambda: op(x, labels[:2], None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "labels"),
+        (lambda: op(x, labels.int(), None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "labels"),
+        (lambda: op(x, labels, r, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "ref_labels"),
+        (lambda: op(x, labels, r, rl[:3], None, 2.0, 50.0, 0.5, 0.1, True, False, False), "ref_labels"),
+        (lambda: op(x, labels, r, rl, labels[:2], 2.0, 50.0, 0.5, 0.1, True, False, False), "self_index"),
+        (lambda: op(x, labels, None, None, None, -2.0, 50.0, 0.5, 0.1, True, False, False), "alpha"),
+        (lambda: op(x, labels, None, None, None, 2.0, 0.0, 0.5, 0.1, True, False, False), "beta"),
+        (lambda: op(x, labels, None, None, None, 2.0, 50.0, 0.5, float("nan"), True, False, False), "epsilon"),
         (lambda: torch.ops.fusedtrain.mine_pairs(x, labels, None, None, "nope", 0.1, 0.2, 0.8), "rule"),
         (lambda: torch.ops.fusedtrain._multi_similarity_loss_backward(
             torch.ones((), dtype=x.dtype, device=device), x, labels, None, None, None,
@@ -344,9 +344,12 @@ def test_opcheck(device, needs_kernels):
     x.requires_grad_()
     r.requires_grad_()
     slots = torch.arange(7, device=device)
-    for args in ((x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True),
-                 (x, labels, None, None, None, 2.0, 50.0, 0.5, 0.1, False),
-                 (x, labels, r, rl, slots, 1.0, 20.0, 0.4, 0.2, True)):
+    for args in ((x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, True, True),
+                 (x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, False, False),
+                 (x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, True, False),
+                 (x, labels, None, None, None, 2.0, 50.0, 0.5, 0.1, False, True, False),
+                 (x, labels, None, None, None, 2.0, 50.0, 0.5, 0.1, False, False, False),
+                 (x, labels, r, rl, slots, 1.0, 20.0, 0.4, 0.2, True, True, True)):
         torch.library.opcheck(torch.ops.fusedtrain.multi_similarity_loss, args)
     torch.library.opcheck(torch.ops.fusedtrain.tcm_loss, (x, labels, r, rl, 1.0, 1.0, 0.5, 0.0))
     torch.library.opcheck(torch.ops.fusedtrain.tcm_loss, (x, labels, None, None, 1.0, 2.0, 0.3, 0.1))
@@ -373,6 +376,22 @@ def test_torch_compile(device, needs_kernels):
     torch.testing.assert_close(la, lb)
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(ra.grad, rb.grad)
+
+
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_forward_computed_gradient_equals_backward_op(device, needs_kernels, with_ref):
+    """compute_grad (the default when a gradient is wanted) and the recomputing backward op agree."""
+    x, labels, r, rl = make_case(21, 33, 5, 3, device, with_ref=with_ref)
+    grads = []
+    for compute_grad in (True, False):
+        xx = x.clone().requires_grad_()
+        rr = None if r is None else r.clone().requires_grad_()
+        loss = torch.ops.fusedtrain.multi_similarity_loss(xx, labels, rr, rl, None, 2.0, 50.0, 0.5, 0.1, True,
+                                                          compute_grad, rr is not None and compute_grad)[0]
+        up = torch.tensor(0.7, dtype=loss.dtype, device=device)
+        grads.append(torch.autograd.grad(loss * up, [xx] + ([rr] if rr is not None else [])))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
 def test_backward_twice_and_no_grad(device):

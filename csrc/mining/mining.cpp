@@ -11,6 +11,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
@@ -185,33 +186,53 @@ at::Tensor normalize_backward(at::Tensor g, const at::Tensor& hat, const at::Ten
   return g.div_(clamped);
 }
 
-// Backward of an op whose tiles the kernel turns into dL/dS: gradients to embeddings and (when
-// `ref_grad`) to ref_emb, cast to their dtype. In-batch, both products accumulate into one buffer.
+// Gradients from tiles of dL/dS: each tile's rows against the reference set, and (in-batch, or
+// when ref_emb needs a gradient) the reference set against the tile's rows. In-batch, both
+// products accumulate into one buffer.
+struct GradientTiles {
+  const Operands& o;
+  bool want_r;
+  at::Tensor grad_q, grad_r;
+
+  GradientTiles(const Operands& ops, bool ref_grad) : o(ops), want_r(!ops.in_batch && ref_grad) {
+    grad_q = o.in_batch ? at::zeros({o.B, o.d}, o.q_hat.options()) : at::empty({o.B, o.d}, o.q_hat.options());
+    if (want_r) grad_r = at::zeros({o.M, o.d}, o.q_hat.options());
+  }
+
+  void add(int64_t row0, int64_t rows, const at::Tensor& G) {
+    at::Tensor q_rows = o.q_hat.narrow(0, row0, rows);
+    at::Tensor g_rows = grad_q.narrow(0, row0, rows);
+    if (o.in_batch) {
+      g_rows.addmm_(G, o.r_hat);     // as anchors
+      grad_q.addmm_(G.t(), q_rows);  // as the reference
+    } else {
+      at::mm_out(g_rows, G, o.r_hat);
+      if (want_r) grad_r.addmm_(G.t(), q_rows);
+    }
+  }
+
+  // (grad embeddings, grad ref_emb or an empty tensor), through the normalization, in the inputs' dtype.
+  std::tuple<at::Tensor, at::Tensor> finish() {
+    at::Tensor grad_x = normalize_backward(grad_q, o.q_hat, o.x_norm_raw, o.x_norm).to(o.dtype);
+    at::Tensor grad_ref = want_r ? normalize_backward(grad_r, o.r_hat, o.r_norm_raw, o.r_norm).to(o.dtype)
+                                 : at::empty({0}, o.x.options().dtype(o.dtype));
+    return {grad_x, grad_ref};
+  }
+};
+
+// Backward of an op whose tiles the kernel turns into dL/dS (recomputing each tile of S first).
 std::tuple<at::Tensor, at::Tensor> backward_through_tiles(const Operands& o, TileLaunch L,
                                                           const at::Tensor& stats, bool ref_grad,
                                                           TileKernel kernel) {
-  at::Tensor grad_q = o.in_batch ? at::zeros({o.B, o.d}, o.q_hat.options()) : at::empty({o.B, o.d}, o.q_hat.options());
-  const bool want_r = !o.in_batch && ref_grad;
-  at::Tensor grad_r = want_r ? at::zeros({o.M, o.d}, o.q_hat.options()) : at::Tensor();
+  GradientTiles grads(o, ref_grad);
   for_each_tile(o, [&](int64_t row0, int64_t rows, at::Tensor& S) {
     L.S = S;
     L.row0 = row0;
     L.stats = stats.narrow(0, row0, rows);
     kernel(L);  // S now holds dL/dS of these rows
-    at::Tensor q_rows = o.q_hat.narrow(0, row0, rows);
-    at::Tensor g_rows = grad_q.narrow(0, row0, rows);
-    if (o.in_batch) {
-      g_rows.addmm_(S, o.r_hat);       // as anchors
-      grad_q.addmm_(S.t(), q_rows);    // as the reference
-    } else {
-      at::mm_out(g_rows, S, o.r_hat);
-      if (want_r) grad_r.addmm_(S.t(), q_rows);
-    }
+    grads.add(row0, rows, S);
   });
-  at::Tensor grad_x = normalize_backward(grad_q, o.q_hat, o.x_norm_raw, o.x_norm).to(o.dtype);
-  at::Tensor grad_ref = want_r ? normalize_backward(grad_r, o.r_hat, o.r_norm_raw, o.r_norm).to(o.dtype)
-                               : at::empty({0}, o.x.options().dtype(o.dtype));
-  return {grad_x, grad_ref};
+  return grads.finish();
 }
 
 void check_stats(const at::Tensor& stats, const Operands& o) {
@@ -231,25 +252,41 @@ at::Tensor upstream_scalar(const at::Tensor& grad_loss, const Operands& o) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ms_loss_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss_forward(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, const at::Tensor& self_index, const Params& params,
-    TileKernel kernel) {
+    const at::Tensor& ref_labels, const at::Tensor& self_index, const Params& params, bool compute_grad,
+    bool ref_grad, TileKernel kernel) {
   check_params(params);
   const Operands o = prepare(embeddings, labels, ref_emb, ref_labels, self_index);
   at::Tensor stats = at::empty({o.B, kStatCount}, o.q_hat.options());
-  TileLaunch L = base_launch(o, kMsForward, params);
+  // compute_grad: each tile also becomes dL/dS (for an upstream gradient of 1) right after its rows'
+  // statistics, and goes into the gradients: backward then only scales them, and S is computed once.
+  TileLaunch L = base_launch(o, compute_grad ? kMsForwardBackward : kMsForward, params);
+  std::optional<GradientTiles> grads;
+  if (compute_grad) {
+    grads.emplace(o, ref_grad);
+    const at::Tensor w = at::full({1}, 1.0 / static_cast<double>(std::max<int64_t>(o.B, 1)), o.q_hat.options());
+    L.coef = at::cat({w, w}).contiguous();
+  }
   for_each_tile(o, [&](int64_t row0, int64_t rows, at::Tensor& S) {
     L.S = S;
     L.row0 = row0;
     L.stats = stats.narrow(0, row0, rows);
     kernel(L);
+    if (grads) grads->add(row0, rows, S);
   });
   // Mean over all B anchors (PML's MeanReducer); an empty batch gives 0.
   const at::Tensor row_loss =
       stats.select(1, kLsePos) / params.alpha + stats.select(1, kLseNeg) / params.beta;
   const at::Tensor loss = (row_loss.sum() / static_cast<double>(std::max<int64_t>(o.B, 1))).to(o.dtype);
-  return {loss, stats};
+  at::Tensor grad_x, grad_ref;
+  if (grads) {
+    std::tie(grad_x, grad_ref) = grads->finish();
+  } else {
+    grad_x = at::empty({0}, o.x.options().dtype(o.dtype));
+    grad_ref = at::empty({0}, o.x.options().dtype(o.dtype));
+  }
+  return {loss, stats, grad_x, grad_ref};
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_loss_backward(
@@ -420,8 +457,9 @@ int64_t tile_elements_op(int64_t elements) {
 TORCH_LIBRARY_FRAGMENT(fusedtrain, m) {
   m.def(
       "multi_similarity_loss(Tensor embeddings, Tensor labels, Tensor? ref_emb, Tensor? ref_labels, "
-      "Tensor? self_index, float alpha, float beta, float base, float epsilon, bool mine) "
-      "-> (Tensor loss, Tensor row_stats)");
+      "Tensor? self_index, float alpha, float beta, float base, float epsilon, bool mine, "
+      "bool compute_grad, bool ref_grad) "
+      "-> (Tensor loss, Tensor row_stats, Tensor grad_embeddings, Tensor grad_ref_emb)");
   m.def(
       "_multi_similarity_loss_backward(Tensor grad_loss, Tensor embeddings, Tensor labels, "
       "Tensor? ref_emb, Tensor? ref_labels, Tensor? self_index, Tensor row_stats, float alpha, "

@@ -92,9 +92,12 @@ TilePointers<T> tile_pointers(const TileLaunch& L) {
 using TileKernel = void (*)(const TileLaunch&);
 
 // The ops, given the backend's tile kernel. Optional tensors are undefined when absent.
-std::tuple<at::Tensor, at::Tensor> ms_loss_forward(
+// compute_grad: also the gradients for an upstream gradient of 1 (to ref_emb when ref_grad), from
+// the forward's own tiles; otherwise the two gradient outputs are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss_forward(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, const at::Tensor& self_index, const Params& params, TileKernel kernel);
+    const at::Tensor& ref_labels, const at::Tensor& self_index, const Params& params, bool compute_grad,
+    bool ref_grad, TileKernel kernel);
 
 std::tuple<at::Tensor, at::Tensor> ms_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& labels,
@@ -129,12 +132,11 @@ struct Entry {
   using Opt = std::optional<at::Tensor>;
   static at::Tensor get(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
 
-  static std::tuple<at::Tensor, at::Tensor> ms_loss(const at::Tensor& e, const at::Tensor& l,
-                                                    const Opt& re, const Opt& rl, const Opt& si,
-                                                    double alpha, double beta, double base,
-                                                    double epsilon, bool mine) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss(
+      const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl, const Opt& si, double alpha,
+      double beta, double base, double epsilon, bool mine, bool compute_grad, bool ref_grad) {
     return ms_loss_forward(e, l, get(re), get(rl), get(si), ms_params(alpha, beta, base, epsilon, mine),
-                           kKernel);
+                           compute_grad, ref_grad, kKernel);
   }
   static std::tuple<at::Tensor, at::Tensor> ms_loss_backward_op(
       const at::Tensor& g, const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl,

@@ -330,13 +330,20 @@ void run_rows(const TileLaunch& L) {
     for (int64_t r = begin; r < end; ++r) {
 #if FT_HAVE_AVX2_PATH
       if constexpr (std::is_same_v<T, float>) {
-        if (simd && t.pass == kMsForward) { ms_forward_row_avx2(t, r); continue; }
-        if (simd && t.pass == kMsBackward) { ms_backward_row_avx2(t, r); continue; }
+        if (simd && (t.pass == kMsForward || t.pass == kMsBackward || t.pass == kMsForwardBackward)) {
+          if (t.pass != kMsBackward) ms_forward_row_avx2(t, r);
+          if (t.pass != kMsForward) ms_backward_row_avx2(t, r);
+          continue;
+        }
       }
 #endif
       switch (t.pass) {
         case kMsForward: ms_forward_row(t, r); break;
         case kMsBackward: ms_backward_row(t, r); break;
+        case kMsForwardBackward:
+          ms_forward_row(t, r);
+          ms_backward_row(t, r);
+          break;
         case kTcmForward: tcm_forward_row(t, r); break;
         case kTcmBackward: tcm_backward_row(t, r); break;
         case kMineCount: mine_row(t, r, false); break;

@@ -126,11 +126,16 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TilePointers<T> t)
   T* st = t.stats ? t.stats + r * kStatCount : nullptr;
   const int pass = t.pass;
 
-  if (pass == kMsForward || pass == kMsBackward) {
+  if (pass == kMsForward || pass == kMsBackward || pass == kMsForwardBackward) {
     const Selector<T> sel(t.params, kRuleMultiSimilarity, t.params.mine);
     const T alpha = T(t.params.alpha), beta = T(t.params.beta), base = T(t.params.base);
-    T min_pos = inf<T>(), max_neg = -inf<T>();
-    if (pass == kMsForward) {
+    T min_pos = inf<T>(), max_neg = -inf<T>(), lse_pos, lse_neg;
+    if (pass == kMsBackward) {
+      min_pos = st[kMinPos];
+      max_neg = st[kMaxNeg];
+      lse_pos = st[kLsePos];
+      lse_neg = st[kLseNeg];
+    } else {
       if (sel.needs_thresholds()) row_thresholds(row, smem_a, min_pos, max_neg);
       Lse<T> lp, ln;
       T np = 0, nn = 0;
@@ -144,22 +149,24 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TilePointers<T> t)
           nn += 1;
         }
       }
+      // Every thread gets the reductions (and every read of the row is done: the reductions sync).
       lp = block_reduce_lse(lp, smem_a, smem_b);
       ln = block_reduce_lse(ln, smem_a, smem_b);
       np = block_reduce(np, SumOp{}, smem_a);
       nn = block_reduce(nn, SumOp{}, smem_a);
+      lse_pos = lp.log1p_value();
+      lse_neg = ln.log1p_value();
       if (threadIdx.x == 0) {
         st[kMinPos] = min_pos;
         st[kMaxNeg] = max_neg;
-        st[kLsePos] = lp.log1p_value();
-        st[kLseNeg] = ln.log1p_value();
+        st[kLsePos] = lse_pos;
+        st[kLseNeg] = lse_neg;
         st[kNumPos] = np;
         st[kNumNeg] = nn;
       }
-    } else {
-      min_pos = st[kMinPos];
-      max_neg = st[kMaxNeg];
-      const T lse_pos = st[kLsePos], lse_neg = st[kLseNeg], w = t.coef[0];
+    }
+    if (pass != kMsForward) {
+      const T w = t.coef[0];
       for (int64_t j = threadIdx.x; j < row.M; j += kThreads) {
         const T v = row.s[j];
         T out = T(0);

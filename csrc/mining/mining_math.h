@@ -24,6 +24,7 @@ enum Pass : int {
   kMineCount = 4,   // mining: per-row numbers of mined positives and negatives (and thresholds)
   kMineWrite = 5,   // mining: write the mined pairs' indices at the counted offsets
   kBatchHard = 6,   // batch-hard: hardest positive and negative per row (or -1)
+  kMsForwardBackward = 7,  // kMsForward, then kMsBackward on the same rows while they are in cache
 };
 
 enum Rule : int { kRuleMultiSimilarity = 0, kRulePairMargin = 1 };

@@ -112,9 +112,17 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_em
         return _reference.multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, alpha=alpha,
                                                 beta=beta, base=base, epsilon=epsilon, mine=bool(mine),
                                                 self_index=self_index)
-    loss, _ = torch.ops.fusedtrain.multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, self_index,
-                                                         alpha, beta, base, epsilon, bool(mine))
+    loss, _, _, _ = torch.ops.fusedtrain.multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, self_index,
+                                                               alpha, beta, base, epsilon, bool(mine),
+                                                               *_grad_flags(embeddings, ref_emb))
     return loss
+
+
+def _grad_flags(embeddings, ref_emb) -> tuple[bool, bool]:
+    """(compute_grad, ref_grad): when a gradient will be wanted, the forward computes it from its own
+    tiles of S (backward then only scales it), saving the recomputation of S."""
+    ref_grad = torch.is_grad_enabled() and ref_emb is not None and ref_emb.requires_grad
+    return (torch.is_grad_enabled() and embeddings.requires_grad) or ref_grad, ref_grad
 
 
 def multi_similarity_loss_with_stats(embeddings, labels, ref_emb=None, ref_labels=None, **kw):
@@ -123,9 +131,10 @@ def multi_similarity_loss_with_stats(embeddings, labels, ref_emb=None, ref_label
     embeddings, labels, ref_emb, ref_labels = _operands(embeddings, labels, ref_emb, ref_labels)
     alpha, beta, base, epsilon = _ms_hyper(kw.get("alpha", 2.0), kw.get("beta", 50.0), kw.get("base", 0.5),
                                            kw.get("epsilon", 0.1))
-    return torch.ops.fusedtrain.multi_similarity_loss(embeddings, labels, ref_emb, ref_labels,
-                                                      kw.get("self_index"), alpha, beta, base, epsilon,
-                                                      bool(kw.get("mine", True)))
+    loss, stats, _, _ = torch.ops.fusedtrain.multi_similarity_loss(
+        embeddings, labels, ref_emb, ref_labels, kw.get("self_index"), alpha, beta, base, epsilon,
+        bool(kw.get("mine", True)), *_grad_flags(embeddings, ref_emb))
+    return loss, stats
 
 
 def _mine(rule: str, embeddings, labels, ref_emb, ref_labels, epsilon=0.1, pos_margin=0.2, neg_margin=0.8):
@@ -193,6 +202,15 @@ def _fake_loss(embeddings, labels, ref_emb, ref_labels, *_):
                                                           dtype=_acc_dtype(embeddings.dtype))
 
 
+def _fake_ms_loss(embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine,
+                  compute_grad, ref_grad):
+    loss, stats = _fake_loss(embeddings, labels, ref_emb, ref_labels)
+    grad_x = embeddings.new_empty(embeddings.shape if compute_grad else (0,))
+    grad_r = (ref_emb.new_empty(ref_emb.shape) if compute_grad and ref_grad and ref_emb is not None
+              else embeddings.new_empty((0,)))
+    return loss, stats, grad_x, grad_r
+
+
 def _fake_backward(grad_loss, embeddings, labels, ref_emb, ref_labels, *rest):
     ref_grad = rest[-1]
     grad_ref = (ref_emb.new_empty(ref_emb.shape) if ref_grad and ref_emb is not None
@@ -221,23 +239,29 @@ def _refuse_double_backward(op: str, t: torch.Tensor) -> None:
 
 
 def _setup_ms(ctx, inputs, output):
-    embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine = inputs
-    _, stats = output
+    (embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine, compute_grad,
+     ref_grad) = inputs
+    _, stats, grad_x, grad_r = output
     ctx.hyper = (alpha, beta, base, epsilon, mine)
-    ctx.mark_non_differentiable(stats)
+    ctx.computed = (compute_grad, compute_grad and ref_grad and ref_emb is not None)
+    ctx.mark_non_differentiable(stats, grad_x, grad_r)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(embeddings, labels, ref_emb, ref_labels, self_index, stats)
+    ctx.save_for_backward(embeddings, labels, ref_emb, ref_labels, self_index, stats, grad_x, grad_r)
 
 
-def _backward_ms(ctx, grad_loss, _grad_stats):
-    embeddings, labels, ref_emb, ref_labels, self_index, stats = ctx.saved_tensors
+def _backward_ms(ctx, grad_loss, *_grads_of_non_differentiable):
+    embeddings, labels, ref_emb, ref_labels, self_index, stats, grad_x, grad_r = ctx.saved_tensors
     need_x, need_r = ctx.needs_input_grad[0], ref_emb is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (need_x or need_r):
-        return (None,) * 10
+        return (None,) * 12
     _refuse_double_backward("multi_similarity_loss", embeddings)
-    gx, gr = torch.ops.fusedtrain._multi_similarity_loss_backward(
-        grad_loss, embeddings, labels, ref_emb, ref_labels, self_index, stats, *ctx.hyper, need_r)
-    return (gx if need_x else None, None, gr if need_r else None) + (None,) * 7
+    if ctx.computed[0] and (ctx.computed[1] or not need_r):
+        # The forward computed the gradients for an upstream gradient of 1: scale them.
+        gx, gr = grad_x * grad_loss, (grad_r * grad_loss if need_r else None)
+    else:
+        gx, gr = torch.ops.fusedtrain._multi_similarity_loss_backward(
+            grad_loss, embeddings, labels, ref_emb, ref_labels, self_index, stats, *ctx.hyper, need_r)
+    return (gx if need_x else None, None, gr if need_r else None) + (None,) * 9
 
 
 def _setup_tcm(ctx, inputs, output):
@@ -264,7 +288,7 @@ def _register() -> None:
     if not _backend.has_extension() or not hasattr(torch.ops.fusedtrain, "multi_similarity_loss"):
         return
     lib = "fusedtrain::"
-    torch.library.register_fake(lib + "multi_similarity_loss")(_fake_loss)
+    torch.library.register_fake(lib + "multi_similarity_loss")(_fake_ms_loss)
     torch.library.register_fake(lib + "_multi_similarity_loss_backward")(_fake_backward)
     torch.library.register_fake(lib + "tcm_loss")(_fake_loss)
     torch.library.register_fake(lib + "_tcm_loss_backward")(_fake_backward)
