@@ -5,8 +5,10 @@ re-exported here from `fusedtrain._mining_classes`.
 
 Every op normalizes the rows (F.normalize) and walks the batch in row chunks: one at::mm gives a tile
 of S = Ê·R̂ᵀ (bounded rows × all M reference columns) that a C++/CUDA kernel reduces per row
-(thresholds, log-sum-exps, counts). Backward recomputes the tiles. Extra memory: the normalized
-copies, one tile (8 MiB in fp32) and O(B) row statistics.
+(thresholds, log-sum-exps, counts). When a gradient will be wanted, the Multi-Similarity forward
+turns each tile into dL/dS right after its rows' statistics and multiplies it into the gradients
+(backward only scales them); otherwise, and for TCM, backward recomputes the tiles. Extra memory: the
+normalized copies, one tile (8 MiB of fp32 on CPU, 16 MiB on CUDA), the gradients, O(B) statistics.
 
 Reference set: `ref_emb=None` (or `ref_emb is embeddings`) means the batch itself, self pairs
 excluded. bfloat16/float16 inputs are computed in float32 (S included) and the loss returned in the
