@@ -9,14 +9,15 @@ import time
 
 import torch
 
-from . import bench_frugal, bench_mining, bench_spherical, harness, plot
+from . import bench_frugal, bench_linear_spherical, bench_mining, bench_sae, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
 #   acceptance(rows, device) -> lines ("... MET" / "... NOT MET")
 #   optional: TABLE (printed columns, as below) and plot(rows, path, title) (default: plot.plot)
 # A new family is one import and one entry here.
-FAMILIES = {"spherical": bench_spherical, "frugal": bench_frugal, "mining": bench_mining}
+FAMILIES = {"spherical": bench_spherical, "linear": bench_linear_spherical, "sae": bench_sae,
+            "frugal": bench_frugal, "mining": bench_mining}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),
@@ -43,8 +44,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict], table=TABLE) -> str:
-    """Plain-text table, numbers right-aligned, text left-aligned."""
+def format_table(rows: list[dict], table: list[tuple[str, str]] = TABLE) -> str:
+    """Plain-text table, numbers right-aligned, text left-aligned (a family may name its own columns)."""
     cells = [[_fmt(r.get(key)) for key, _ in table] for r in rows]
     widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (_, title) in enumerate(table)]
     numeric = [all(isinstance(r.get(key), (int, float)) or r.get(key) is None for r in rows)
@@ -98,7 +99,7 @@ def run(families: list[str] | None, device: str, quick: bool, out_dir: str | Non
         seconds = time.perf_counter() - start
         lines = module.acceptance(rows, device)
         print(f"\n== {family} ({device}{', quick' if quick else ''}): {seconds:.0f} s")
-        print(format_table(rows, getattr(module, "TABLE", TABLE)))
+        print(format_table(rows, getattr(module, "TABLE", TABLE)))  # a family may define its columns
         print("Acceptance:")
         for line in lines or ["(no acceptance figure at these shapes)"]:
             print("  " + line)

@@ -12,7 +12,10 @@ import torch
 
 import fusedtrain
 from fusedtrain import selftest
+from fusedtrain.reference.linear_spherical import linear_spherical_loss as linear_reference
 from fusedtrain.reference.spherical import spherical_loss as reference
+
+import sanitizer_cases_sae
 
 
 def spherical_case(n: int, d: int, dtype: torch.dtype, kind: str, reduction: str, *,
@@ -76,6 +79,28 @@ def frugal_case(dtype: torch.dtype) -> None:
             assert err < tol, ("frugal_step_", key, dtype, err)
 
 
+def linear_case(n: int, d: int, D: int, dtype: torch.dtype, kind: str, reduction: str, bias: bool) -> None:
+    """The fused linear op: row statistics, input gradient, target-row scatter (repeated targets)."""
+    h = torch.randn(n, d, device="cuda", dtype=dtype)
+    w = torch.randn(D, d, device="cuda", dtype=dtype) / d**0.5
+    b = torch.randn(D, device="cuda", dtype=dtype) if bias else None
+    target = torch.randint(0, D, (n,), device="cuda")
+    target[::3] = -100
+    leaves = [x.clone().requires_grad_() for x in (h, w) + ((b,) if bias else ())]
+    loss = fusedtrain.linear_spherical_loss(leaves[0], leaves[1], target, linear_bias=leaves[2] if bias else None,
+                                            kind=kind, reduction=reduction)
+    upstream = torch.rand_like(loss)
+    (loss * upstream).sum().backward()
+    leaves64 = [x.double().requires_grad_() for x in (h, w) + ((b,) if bias else ())]
+    ref = linear_reference(leaves64[0], leaves64[1], target, linear_bias=leaves64[2] if bias else None, kind=kind,
+                           reduction=reduction)
+    (ref * upstream.double()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for x, x64 in zip(leaves, leaves64):
+        err = ((x.grad.double() - x64.grad).norm() / x64.grad.norm().clamp_min(1e-30)).item()
+        assert err < tol, (n, d, D, dtype, kind, reduction, bias, err)
+
+
 def main(small: bool) -> None:
     torch.manual_seed(0)
     cases = [
@@ -89,6 +114,10 @@ def main(small: bool) -> None:
         cases = cases[:1] + cases[3:4]
     for case in cases:
         spherical_case(*case)
+    linear_case(64, 33, 100, torch.float32, "z", "mean", True)
+    linear_case(300, 128, 7, torch.bfloat16, "spherical", "none", False)          # long scatter segments
+    if not small:
+        linear_case(5, 1, 3, torch.float32, "mse", "sum", True)
     spherical_case(8, 1001, torch.float32, "z", "mean", offset=1)                # misaligned rows
     spherical_case(8, 2000, torch.float32, "z", "sum", row_stride=2003)           # strided rows
     # Out-of-range target: flagged and raised, nothing written out of bounds.
@@ -101,7 +130,14 @@ def main(small: bool) -> None:
     frugal_case(torch.float32)
     if not small:
         frugal_case(torch.bfloat16)
+    try:
+        fusedtrain.linear_spherical_loss(torch.randn(4, 3, device="cuda"), torch.randn(10, 3, device="cuda"),
+                                         torch.tensor([0, 10, 2, 3], device="cuda"))
+        raise AssertionError("out-of-range target did not raise (linear)")
+    except ValueError:
+        pass
     torch.cuda.synchronize()
+    sanitizer_cases_sae.main(small)
     # Every family's small end-to-end checks (fusedtrain.selftest) run under the sanitizer too.
     failures = selftest.run(["cuda"])
     torch.cuda.synchronize()

@@ -21,6 +21,9 @@ int parse_kind(const std::string& kind) {
   return -1;  // not reached
 }
 
+}  // namespace
+
+// Shared with the fused linear op (linear_spherical.cpp): declared in spherical.h.
 int parse_reduction(const std::string& reduction) {
   if (reduction == "mean") return kMean;
   if (reduction == "sum") return kSum;
@@ -43,6 +46,8 @@ Params make_params(const std::string& kind, double a, double b, double eps, doub
   return p;
 }
 
+namespace {
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   check_defined(logits, "logits");
   check_defined(target, "target");
@@ -56,6 +61,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   check_same_device(target, logits, "target", "logits");
 }
 
+}  // namespace
+
 [[noreturn]] C10_NOINLINE void throw_bad_target(int64_t D, int64_t ignore_index) {
   FT_CHECK_VALUE(false, "target holds class indices outside [0, ", D, ") that are not ignore_index (",
                  ignore_index, ")");
@@ -65,6 +72,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
 at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+namespace {
 
 // Rows must be unit-stride for the vectorized kernels; a row stride of any size is fine.
 at::Tensor rows_unit_stride(const at::Tensor& logits) {

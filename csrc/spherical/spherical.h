@@ -72,6 +72,12 @@ RowPointers<scalar_t> row_pointers(const RowLaunch& L) {
   return p;
 }
 
+// Argument parsing and conventions shared by the logits-level and the fused linear op.
+Params make_params(const std::string& kind, double a, double b, double eps, double var_eps);
+int parse_reduction(const std::string& reduction);
+at::ScalarType accumulate_type(at::ScalarType dtype);
+[[noreturn]] void throw_bad_target(int64_t D, int64_t ignore_index);
+
 using RowKernel = void (*)(const RowLaunch&);
 using ScaleKernel = void (*)(at::Tensor& grad, const at::Tensor& factor);
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from . import spherical as _spherical
+from .linear_spherical import LinearSphericalLoss, SphericalHead
 
-__all__ = ["SphericalLoss"]
+__all__ = ["SphericalLoss", "LinearSphericalLoss", "SphericalHead"]
 
 
 class SphericalLoss(torch.nn.Module):

@@ -89,6 +89,37 @@ def check_mining(device: str) -> list[Check]:
     return checks
 
 
+def check_linear(device: str) -> list[Check]:
+    """The fused linear op (Gram form) against the float64 logits path, every kind, with a bias."""
+    from .linear_spherical import linear_spherical_loss
+    from .reference.linear_spherical import linear_spherical_loss as reference
+    from .spherical import spherical_loss
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(96, 32, generator=gen).to(device)
+    w = (torch.randn(500, 32, generator=gen) / 32**0.5).to(device)
+    b = torch.randn(500, generator=gen).to(device)
+    target = torch.randint(0, 500, (96,), generator=gen).to(device)
+    target[::7] = -100
+    checks = []
+    for kind in ("z", "spherical", "taylor", "mse"):
+        ours = [x.clone().requires_grad_() for x in (h, w, b)]
+        loss = linear_spherical_loss(ours[0], ours[1], target, linear_bias=ours[2], kind=kind)
+        loss.backward()
+        ref = [x.double().requires_grad_() for x in (h, w, b)]
+        ref_loss = reference(ref[0], ref[1], target, linear_bias=ref[2], kind=kind)
+        ref_loss.backward()
+        err = max([rel_err(loss, ref_loss)] + [rel_err(x.grad, r.grad) for x, r in zip(ours, ref)])
+        # The spherical kind divides by o_c^2: a small target logit magnifies rounding in any fp32
+        # computation, so the bar is also 4x the error of the fp32 logits path on the same case.
+        plain = [x.clone().requires_grad_() for x in (h, w, b)]
+        plain_loss = spherical_loss(torch.nn.functional.linear(plain[0], plain[1], plain[2]), target, kind)
+        plain_loss.backward()
+        plain_err = max([rel_err(plain_loss, ref_loss)] + [rel_err(x.grad, r.grad) for x, r in zip(plain, ref)])
+        checks.append(Check(f"linear_spherical_loss kind={kind}", err, max(2e-5, 4 * plain_err)))
+    return checks
+
+
 def check_frugal(device: str) -> list[Check]:
     """The fused FRUGAL step against the reference optimizer in fp64: 30 steps, refreshes included."""
     from .optim import FRUGAL
@@ -112,9 +143,18 @@ def check_frugal(device: str) -> list[Check]:
     return checks
 
 
+def check_sae(device: str) -> list[Check]:
+    """The SAE training step (fused encode, each routing, sparse decode) in float64 vs the dense reference."""
+    from .sae import _selftest
+
+    return [Check(label, err, 1e-9) for label, err in _selftest(device)]
+
+
 # family -> check function; a new family is one entry here.
-CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "frugal": check_frugal,
-                                                   "mining": check_mining}
+CHECKS: dict[str, Callable[[str], list[Check]]] = {"spherical": check_spherical, "linear": check_linear,
+                                                    "sae": check_sae,
+                                                    "frugal": check_frugal,
+                                                    "mining": check_mining}
 
 
 def run(devices: list[str], families: list[str] | None = None, *, verbose: bool = True) -> int:

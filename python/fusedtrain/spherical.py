@@ -36,10 +36,7 @@ def _check_arguments(logits, target, kind, a, b, eps, var_eps, ignore_index, red
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
     if logits.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
     if target.dtype != torch.int64:
@@ -54,6 +51,14 @@ def _check_arguments(logits, target, kind, a, b, eps, var_eps, ignore_index, red
         raise ValueError("logits must have at least one class (D >= 1)")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+
+
+def _check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction) -> None:
+    """Checks shared with the fused linear op (linear_spherical.py)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, value in (("a", a), ("b", b), ("eps", eps), ("var_eps", var_eps)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")

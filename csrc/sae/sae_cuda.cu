@@ -1,0 +1,705 @@
+// CUDA kernels of the SAE ops.
+//
+// Routing is radix selection on order-preserving integer keys of the values (8 bits a pass, 256
+// bins in shared memory), never a sort of the row:
+//   * row select (one block a row): TopK's k best entries of each row, or feature choice's cutoff
+//     of each feature (run on the transposed pre-activations, positive entries only);
+//   * global select (mutual choice): histogram passes over the whole matrix, with the running
+//     prefix and rank kept on the device (no host sync between passes), then the tie at the cutoff
+//     located by per-row tie counts and one ordered scan of the row that holds it.
+// Ties are ranked by index with ordered block scans (ballot + popc), so results are deterministic
+// and equal to the CPU kernels'. Kept-entry extraction is one block a row with the same scans.
+// Decode and the backward products: one block a token (gather-accumulate, fp32 accumulation), one
+// warp per stored entry for the sampled dot products, one block a feature for the per-feature sums.
+#include "sae.h"
+
+#include "../common/checks.h"
+#include "../common/cuda_utils.cuh"
+#include "../common/dispatch.h"
+
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace fusedtrain {
+namespace sae {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kMaxTopK = 1024;  // TopK entries sorted in shared memory per row
+
+// Order-preserving unsigned keys, on the scalar type's own bits: 16-bit keys for bf16/fp16 (two
+// 8-bit radix passes instead of four), 32 for fp32, 64 for fp64. NaN maps to -inf (as rank_key)
+// and -0 to +0 (equal values, equal keys: ties then go by index, as on the CPU).
+template <typename scalar_t> struct KeyTraits;
+template <> struct KeyTraits<float> {
+  using Key = uint32_t;
+  static constexpr Key kNegInf = 0xFF800000u;
+  __device__ static Key bits(float v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
+  __device__ static float value(Key b) { float v; memcpy(&v, &b, sizeof(v)); return v; }
+};
+template <> struct KeyTraits<double> {
+  using Key = uint64_t;
+  static constexpr Key kNegInf = 0xFFF0000000000000ull;
+  __device__ static Key bits(double v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull; }
+  __device__ static double value(Key b) { double v; memcpy(&v, &b, sizeof(v)); return v; }
+};
+template <> struct KeyTraits<at::BFloat16> {
+  using Key = uint16_t;
+  static constexpr Key kNegInf = 0xFF80u;
+  __device__ static Key bits(at::BFloat16 v) { return v.x; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7F80u; }
+  __device__ static float value(Key b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); }
+};
+template <> struct KeyTraits<at::Half> {
+  using Key = uint16_t;
+  static constexpr Key kNegInf = 0xFC00u;
+  __device__ static Key bits(at::Half v) { return v.x; }
+  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7C00u; }
+  __device__ static float value(Key b) { return static_cast<float>(at::Half(b, at::Half::from_bits())); }
+};
+
+template <typename scalar_t>
+using key_t = typename KeyTraits<scalar_t>::Key;
+
+template <typename scalar_t>
+__device__ __forceinline__ key_t<scalar_t> ordered_key(scalar_t v) {
+  using T = KeyTraits<scalar_t>;
+  using Key = typename T::Key;
+  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  Key b = T::bits(v);
+  if (T::is_nan(b)) b = T::kNegInf;
+  if (b == sign) b = 0;  // -0 -> +0
+  return (b & sign) ? static_cast<Key>(~b) : static_cast<Key>(b | sign);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> key_value(key_t<scalar_t> key) {
+  using T = KeyTraits<scalar_t>;
+  using Key = typename T::Key;
+  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  const Key b = (key & sign) ? static_cast<Key>(key & static_cast<Key>(~sign)) : static_cast<Key>(~key);
+  return static_cast<acc_t<scalar_t>>(T::value(b));
+}
+
+// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's sum.
+// Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
+__device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) scratch[warp] = __popc(ballot);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = scratch[w];
+      scratch[w] = run;
+      run += c;
+    }
+    scratch[kWarps] = run;
+  }
+  __syncthreads();
+  const int result = scratch[warp] + in_warp;
+  total = scratch[kWarps];
+  __syncthreads();  // scratch is reused by the next call
+  return result;
+}
+
+__device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* scratch) {
+  v = cuda::warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  int64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row select. Mode TopK: all entries eligible, write the k best (value desc, index asc).
+// Mode cutoff: positive entries only, write the k-th best as (value, index), (0, -1) when there
+// are at most k positive entries.
+template <typename scalar_t, bool kTopK>
+__global__ void __launch_bounds__(kThreads) row_select_kernel(
+    const scalar_t* __restrict__ pre, int64_t F, int64_t stride, int64_t k, scalar_t* __restrict__ out_v,
+    int64_t* __restrict__ out_i, acc_t<scalar_t>* __restrict__ cut_v, int64_t* __restrict__ cut_i) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  constexpr int kBits = sizeof(Key) * 8;
+  __shared__ unsigned int hist[256];
+  __shared__ Key s_prefix;
+  __shared__ int64_t s_need;
+  __shared__ int scan_scratch[kWarps + 1];
+  __shared__ int64_t sum_scratch[kWarps];
+  __shared__ Key top_key[kTopK ? kMaxTopK : 1];
+  __shared__ int64_t top_index[kTopK ? kMaxTopK : 1];
+
+  const int64_t row = blockIdx.x;
+  const scalar_t* r = pre + row * stride;
+  auto eligible = [](acc v) { return kTopK || v > acc(0); };
+
+  if (!kTopK) {
+    int64_t n = 0;
+    for (int64_t f = threadIdx.x; f < F; f += kThreads) n += eligible(static_cast<acc>(r[f]));
+    const int64_t total = block_sum(n, sum_scratch);
+    if (total <= k) {  // every positive entry is kept
+      if (threadIdx.x == 0) {
+        cut_v[row] = acc(0);
+        cut_i[row] = -1;
+      }
+      return;
+    }
+  }
+
+  // Radix select of the k-th best key: prefix = its leading bits found so far, need = its rank
+  // among the entries sharing that prefix.
+  Key prefix = 0, mask = 0;
+  int64_t need = k;
+  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) hist[i] = 0;
+    __syncthreads();
+    for (int64_t f = threadIdx.x; f < F; f += kThreads) {
+      const acc v = static_cast<acc>(r[f]);
+      if (!eligible(v)) continue;
+      const Key key = ordered_key(r[f]);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t above = 0;
+      int bin = 255;
+      for (; bin > 0; --bin) {
+        if (above + hist[bin] >= need) break;
+        above += hist[bin];
+      }
+      s_prefix = prefix | (Key(bin) << shift);
+      s_need = need - above;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= Key(255) << shift;
+    __syncthreads();
+  }
+  // prefix is now the k-th best key; `need` entries equal to it are taken, smallest index first.
+
+  int64_t ties_before = 0, taken_before = 0;
+  for (int64_t base = 0; base < F; base += kThreads) {
+    const int64_t f = base + threadIdx.x;
+    bool tie = false, take = false;
+    Key key = 0;
+    if (f < F) {
+      const acc v = static_cast<acc>(r[f]);
+      if (eligible(v)) {
+        key = ordered_key(r[f]);
+        tie = key == prefix;
+        take = key > prefix;
+      }
+    }
+    int tile_ties;
+    const int64_t tie_rank = ties_before + block_exclusive_count(tie, scan_scratch, tile_ties);
+    ties_before += tile_ties;
+    if (kTopK) {
+      take = take || (tie && tie_rank < need);
+      int tile_taken;
+      const int64_t pos = taken_before + block_exclusive_count(take, scan_scratch, tile_taken);
+      taken_before += tile_taken;
+      if (take && pos < k) {
+        top_key[pos] = key;
+        top_index[pos] = f;
+      }
+    } else if (tie && tie_rank == need - 1) {
+      cut_v[row] = key_value<scalar_t>(prefix);
+      cut_i[row] = f;
+    }
+  }
+  if (!kTopK) return;
+
+  // Bitonic sort of the k selected entries, best first; padding sorts last.
+  int P = 1;
+  while (P < k) P <<= 1;
+  for (int i = k + threadIdx.x; i < P; i += kThreads) {
+    top_key[i] = 0;
+    top_index[i] = std::numeric_limits<int64_t>::max();
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int half = size >> 1; half > 0; half >>= 1) {
+      for (int i = threadIdx.x; i < P; i += kThreads) {
+        const int j = i ^ half;
+        if (j <= i) continue;
+        const bool i_first = top_key[i] > top_key[j] || (top_key[i] == top_key[j] && top_index[i] < top_index[j]);
+        const bool best_first = (i & size) == 0;
+        if (i_first != best_first) {
+          const Key tk = top_key[i];
+          top_key[i] = top_key[j];
+          top_key[j] = tk;
+          const int64_t ti = top_index[i];
+          top_index[i] = top_index[j];
+          top_index[j] = ti;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+    const int64_t f = top_index[j];
+    out_i[row * k + j] = f;
+    out_v[row * k + j] = r[f];
+  }
+}
+
+void check_grid(int64_t blocks, const char* what) {
+  FT_CHECK_VALUE(blocks < (int64_t(1) << 31), what, " must be < 2^31 on CUDA, got ", blocks);
+}
+
+void topk_cuda(const at::Tensor& pre, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
+  FT_CHECK_VALUE(k <= kMaxTopK, "k must be <= ", kMaxTopK, " on CUDA, got ", k);
+  const int64_t B = pre.size(0);
+  check_grid(B, "the number of rows");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_topk_cuda", [&] {
+    row_select_kernel<scalar_t, true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        pre.const_data_ptr<scalar_t>(), pre.size(1), pre.stride(0), k, values.data_ptr<scalar_t>(),
+        indices.data_ptr<int64_t>(), nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void column_cutoff_cuda(const at::Tensor& pre, int64_t m, const at::Tensor& value, const at::Tensor& index) {
+  if (m == 0) {
+    value.fill_(std::numeric_limits<double>::infinity());
+    index.fill_(-1);
+    return;
+  }
+  // Columns become rows: one transposed copy, then every feature's selection reads its tokens
+  // contiguously (coalesced) instead of one element per row.
+  const at::Tensor t = pre.t().contiguous();
+  const int64_t F = t.size(0);
+  check_grid(F, "the number of features");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_column_cutoff_cuda", [&] {
+    row_select_kernel<scalar_t, false><<<static_cast<unsigned>(F), kThreads, 0, stream>>>(
+        t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), m, nullptr, nullptr,
+        value.data_ptr<acc_t<scalar_t>>(), index.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global select (mutual choice). state: [prefix, need, all_kept] as 64-bit words.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) global_hist_kernel(
+    const scalar_t* __restrict__ pre, int64_t B, int64_t F, int64_t stride, const uint64_t* __restrict__ state,
+    int shift, uint64_t mask, unsigned long long* __restrict__ hist) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  __shared__ unsigned int local[256];
+  for (int i = threadIdx.x; i < 256; i += kThreads) local[i] = 0;
+  __syncthreads();
+  const Key prefix = static_cast<Key>(state[0]);
+  const bool done = state[2] != 0;
+  if (!done) {
+    for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+      const scalar_t* r = pre + b * stride;
+      for (int64_t f = threadIdx.x; f < F; f += kThreads) {
+        const acc v = static_cast<acc>(r[f]);
+        if (!(v > acc(0))) continue;
+        const Key key = ordered_key(r[f]);
+        if ((key & static_cast<Key>(mask)) == prefix) atomicAdd(&local[(key >> shift) & 255], 1u);
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += kThreads)
+    if (local[i]) atomicAdd(&hist[i], static_cast<unsigned long long>(local[i]));
+}
+
+template <typename scalar_t>
+__global__ void global_pick_kernel(uint64_t* __restrict__ state, unsigned long long* __restrict__ hist, int shift,
+                                   bool first, acc_t<scalar_t>* __restrict__ cut_v, int64_t* __restrict__ cut_i) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  if (state[2] == 0) {
+    const uint64_t need = state[1];
+    uint64_t above = 0, total = 0;
+    for (int i = 0; i < 256; ++i) total += hist[i];
+    if (first && total <= need) {  // at most `budget` positive entries: keep them all
+      state[2] = 1;
+      cut_v[0] = acc(0);
+      cut_i[0] = -1;
+    } else {
+      int bin = 255;
+      for (; bin > 0; --bin) {
+        if (above + hist[bin] >= need) break;
+        above += hist[bin];
+      }
+      state[0] = static_cast<uint64_t>(static_cast<Key>(state[0]) | (Key(bin) << shift));
+      state[1] = need - above;
+    }
+  }
+  for (int i = 0; i < 256; ++i) hist[i] = 0;
+}
+
+// Ties (entries equal to the cutoff) per row.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) global_tie_count_kernel(
+    const scalar_t* __restrict__ pre, int64_t F, int64_t stride, const uint64_t* __restrict__ state,
+    int64_t* __restrict__ ties) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  __shared__ int64_t scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const Key prefix = static_cast<Key>(state[0]);
+  const bool done = state[2] != 0;
+  int64_t n = 0;
+  if (!done) {
+    const scalar_t* r = pre + row * stride;
+    for (int64_t f = threadIdx.x; f < F; f += kThreads) {
+      const acc v = static_cast<acc>(r[f]);
+      n += v > acc(0) && ordered_key(r[f]) == prefix;
+    }
+  }
+  const int64_t total = block_sum(n, scratch);
+  if (threadIdx.x == 0) ties[row] = total;
+}
+
+// The row holding the need-th tie (flat order) finds it with an ordered scan.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) global_tie_locate_kernel(
+    const scalar_t* __restrict__ pre, int64_t F, int64_t stride, const uint64_t* __restrict__ state,
+    const int64_t* __restrict__ ties, const int64_t* __restrict__ ties_inclusive, acc_t<scalar_t>* __restrict__ cut_v,
+    int64_t* __restrict__ cut_i) {
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  __shared__ int scan_scratch[kWarps + 1];
+  const int64_t row = blockIdx.x;
+  if (state[2] != 0) return;
+  const int64_t need = static_cast<int64_t>(state[1]);
+  const int64_t before = ties_inclusive[row] - ties[row];
+  if (!(before < need && need <= ties_inclusive[row])) return;  // uniform over the block
+  const Key prefix = static_cast<Key>(state[0]);
+  const scalar_t* r = pre + row * stride;
+  int64_t seen = before;
+  for (int64_t base = 0; base < F; base += kThreads) {
+    const int64_t f = base + threadIdx.x;
+    bool tie = false;
+    if (f < F) {
+      const acc v = static_cast<acc>(r[f]);
+      tie = v > acc(0) && ordered_key(r[f]) == prefix;
+    }
+    int tile;
+    const int64_t rank = seen + block_exclusive_count(tie, scan_scratch, tile);
+    seen += tile;
+    if (tie && rank == need - 1) {
+      cut_v[0] = key_value<scalar_t>(prefix);
+      cut_i[0] = row * F + f;
+    }
+  }
+}
+
+void global_cutoff_cuda(const at::Tensor& pre, int64_t budget, const at::Tensor& value, const at::Tensor& index) {
+  value.fill_(std::numeric_limits<double>::infinity());
+  index.fill_(-1);
+  if (budget == 0) return;
+  const int64_t B = pre.size(0), F = pre.size(1);
+  check_grid(B, "the number of rows");
+  const int device = pre.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  auto state = at::zeros({3}, pre.options().dtype(at::kLong));
+  state[1].fill_(budget);
+  auto hist = at::zeros({256}, pre.options().dtype(at::kLong));
+  auto ties = at::empty({B}, pre.options().dtype(at::kLong));
+  const int64_t blocks = std::min<int64_t>(B, 4 * cuda::multiprocessor_count(device));
+  FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_global_cutoff_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    using Key = key_t<scalar_t>;
+    constexpr int kBits = sizeof(Key) * 8;
+    auto* st = reinterpret_cast<uint64_t*>(state.data_ptr<int64_t>());
+    auto* h = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+    uint64_t mask = 0;
+    for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+      global_hist_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          pre.const_data_ptr<scalar_t>(), B, F, pre.stride(0), st, shift, mask, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      global_pick_kernel<scalar_t><<<1, 1, 0, stream>>>(st, h, shift, shift == kBits - 8, value.data_ptr<acc>(),
+                                                  index.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      mask |= uint64_t(255) << shift;
+    }
+    global_tie_count_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        pre.const_data_ptr<scalar_t>(), F, pre.stride(0), st, ties.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor inclusive = at::cumsum(ties, 0);
+    global_tie_locate_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        pre.const_data_ptr<scalar_t>(), F, pre.stride(0), st, ties.const_data_ptr<int64_t>(),
+        inclusive.const_data_ptr<int64_t>(), value.data_ptr<acc>(), index.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kept entries under per-feature cutoffs: count per row, then an ordered fill.
+template <typename scalar_t>
+struct CutoffArgs {
+  const scalar_t* pre;
+  int64_t F, stride;
+  const acc_t<scalar_t>* T;
+  const int64_t* L;
+  bool shared, flat;
+
+  __device__ __forceinline__ bool at(int64_t b, int64_t f, acc_t<scalar_t> v) const {
+    const int64_t j = shared ? 0 : f;
+    return kept(v, T[j], flat ? b * F + f : b, L[j]);
+  }
+};
+
+template <typename scalar_t>
+CutoffArgs<scalar_t> cutoff_args(const Cutoffs& c) {
+  return {c.pre.const_data_ptr<scalar_t>(), c.pre.size(1), c.pre.stride(0),
+          c.value.const_data_ptr<acc_t<scalar_t>>(), c.index.const_data_ptr<int64_t>(),
+          c.value.numel() == 1, c.flat};
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) count_kept_kernel(const CutoffArgs<scalar_t> a, int64_t* __restrict__ counts) {
+  __shared__ int64_t scratch[kWarps];
+  const int64_t b = blockIdx.x;
+  const scalar_t* r = a.pre + b * a.stride;
+  int64_t n = 0;
+  for (int64_t f = threadIdx.x; f < a.F; f += kThreads) n += a.at(b, f, static_cast<acc_t<scalar_t>>(r[f]));
+  const int64_t total = block_sum(n, scratch);
+  if (threadIdx.x == 0) counts[b] = total;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) fill_kept_kernel(const CutoffArgs<scalar_t> a, const int64_t* __restrict__ row_ptr,
+                                                             int64_t* __restrict__ feature, scalar_t* __restrict__ value) {
+  __shared__ int scan_scratch[kWarps + 1];
+  const int64_t b = blockIdx.x;
+  const scalar_t* r = a.pre + b * a.stride;
+  const int64_t start = row_ptr[b], room = row_ptr[b + 1] - start;
+  int64_t written = 0;
+  for (int64_t base = 0; base < a.F; base += kThreads) {
+    const int64_t f = base + threadIdx.x;
+    const bool keep = f < a.F && a.at(b, f, static_cast<acc_t<scalar_t>>(r[f]));
+    int tile;
+    const int64_t pos = written + block_exclusive_count(keep, scan_scratch, tile);
+    written += tile;
+    if (keep && pos < room) {  // the count pass sized the row; never write past it
+      feature[start + pos] = f;
+      value[start + pos] = r[f];
+    }
+  }
+}
+
+void count_kept_cuda(const Cutoffs& c, const at::Tensor& counts) {
+  const int64_t B = c.pre.size(0);
+  check_grid(B, "the number of rows");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.pre.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_count_kept_cuda", [&] {
+    count_kept_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(cutoff_args<scalar_t>(c),
+                                                                                  counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void fill_kept_cuda(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tensor& feature, const at::Tensor& value) {
+  const int64_t B = c.pre.size(0);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.pre.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_fill_kept_cuda", [&] {
+    fill_kept_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        cutoff_args<scalar_t>(c), row_ptr.const_data_ptr<int64_t>(), feature.data_ptr<int64_t>(),
+        value.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode and the backward products.
+
+__device__ __forceinline__ void clamped_range(const int64_t* rp, int64_t i, int64_t nnz, int64_t& lo, int64_t& hi) {
+  const int64_t a = rp[i], b = rp[i + 1];
+  lo = a < 0 ? 0 : (a > nnz ? nnz : a);
+  hi = b < lo ? lo : (b > nnz ? nnz : b);
+}
+
+// out[b] = bias + Σ_j coef_j · table[col_j]: one block a token, threads across d (coalesced rows).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) gather_rows_kernel(
+    const int64_t* __restrict__ rp, const int64_t* __restrict__ col, const scalar_t* __restrict__ coef,
+    const scalar_t* __restrict__ table, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t d,
+    int64_t R, int64_t nnz) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = blockIdx.x;
+  int64_t lo, hi;
+  clamped_range(rp, b, nnz, lo, hi);
+  for (int64_t e = threadIdx.x; e < d; e += kThreads) {
+    acc s = bias ? static_cast<acc>(bias[e]) : acc(0);
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t r = col[j];
+      if (r >= 0 && r < R) s += static_cast<acc>(coef[j]) * static_cast<acc>(table[r * d + e]);
+    }
+    out[b * d + e] = static_cast<scalar_t>(s);
+  }
+}
+
+// out_j = grad[b] · table[col_j]: one block a token, one warp per stored entry.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sampled_dot_kernel(
+    const int64_t* __restrict__ rp, const int64_t* __restrict__ col, const scalar_t* __restrict__ grad,
+    const scalar_t* __restrict__ table, scalar_t* __restrict__ out, int64_t d, int64_t R, int64_t nnz) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t lo, hi;
+  clamped_range(rp, b, nnz, lo, hi);
+  const scalar_t* g = grad + b * d;
+  for (int64_t j = lo + warp; j < hi; j += kWarps) {
+    const int64_t r = col[j];
+    acc s = 0;
+    if (r >= 0 && r < R) {
+      const scalar_t* t = table + r * d;
+      for (int64_t e = lane; e < d; e += 32) s += static_cast<acc>(g[e]) * static_cast<acc>(t[e]);
+    }
+    s = cuda::warp_sum(s);
+    if (lane == 0) out[j] = static_cast<scalar_t>(s);
+  }
+}
+
+// out[f] = Σ_p coef[perm_p] · src[token_p] in CSC order: one block a feature, no atomics.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) segment_sum_kernel(
+    const int64_t* __restrict__ cp, const int64_t* __restrict__ perm, const int64_t* __restrict__ token,
+    const scalar_t* __restrict__ coef, const scalar_t* __restrict__ src, scalar_t* __restrict__ out,
+    scalar_t* __restrict__ coef_sum, int64_t d, int64_t B, int64_t nnz) {
+  using acc = acc_t<scalar_t>;
+  const int64_t f = blockIdx.x;
+  int64_t lo, hi;
+  clamped_range(cp, f, nnz, lo, hi);
+  for (int64_t e = threadIdx.x; e < d; e += kThreads) {
+    acc s = 0;
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t j = perm[p], b = token[p];
+      if (j >= 0 && j < nnz && b >= 0 && b < B) s += static_cast<acc>(coef[j]) * static_cast<acc>(src[b * d + e]);
+    }
+    out[f * d + e] = static_cast<scalar_t>(s);
+  }
+  if (threadIdx.x == 0) {
+    acc total = 0;
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t j = perm[p];
+      if (j >= 0 && j < nnz) total += static_cast<acc>(coef[j]);
+    }
+    coef_sum[f] = static_cast<scalar_t>(total);
+  }
+}
+
+void gather_rows_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
+                      const at::Tensor& table, const at::Tensor& bias, const at::Tensor& out) {
+  const int64_t B = out.size(0);
+  check_grid(B, "the number of rows");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(table.scalar_type(), "sae_gather_rows_cuda", [&] {
+    gather_rows_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        row_ptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), coef.const_data_ptr<scalar_t>(),
+        table.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+        out.data_ptr<scalar_t>(), out.size(1), table.size(0), col.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void sampled_dot_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
+                      const at::Tensor& table, const at::Tensor& out) {
+  const int64_t B = grad.size(0);
+  if (B == 0) {
+    out.zero_();
+    return;
+  }
+  check_grid(B, "the number of rows");
+  out.zero_();  // entries outside every row (malformed row_ptr) read 0, never stale memory
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(grad.scalar_type(), "sae_sampled_dot_cuda", [&] {
+    sampled_dot_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        row_ptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), grad.const_data_ptr<scalar_t>(),
+        table.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), grad.size(1), table.size(0), col.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void segment_sum_cuda(const at::Tensor& col_ptr, const at::Tensor& perm, const at::Tensor& token,
+                      const at::Tensor& coef, const at::Tensor& src, const at::Tensor& out,
+                      const at::Tensor& coef_sum) {
+  const int64_t F = out.size(0);
+  check_grid(F, "the number of features");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.get_device());
+  FUSEDTRAIN_DISPATCH_FLOATING(src.scalar_type(), "sae_segment_sum_cuda", [&] {
+    segment_sum_kernel<scalar_t><<<static_cast<unsigned>(F), kThreads, 0, stream>>>(
+        col_ptr.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(), token.const_data_ptr<int64_t>(),
+        coef.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        coef_sum.data_ptr<scalar_t>(), out.size(1), src.size(0), perm.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+const Kernels kCuda = {topk_cuda,       column_cutoff_cuda, global_cutoff_cuda, count_kept_cuda, fill_kept_cuda,
+                       gather_rows_cuda, sampled_dot_cuda, segment_sum_cuda};
+
+std::tuple<at::Tensor, at::Tensor> sae_topk_select_cuda(const at::Tensor& pre, int64_t k) {
+  const c10::cuda::CUDAGuard guard(pre.device());
+  return topk_select(pre, k, kCuda);
+}
+Csr4 sae_route_cuda(const at::Tensor& pre, c10::string_view routing, int64_t k,
+                    const c10::optional<at::Tensor>& theta) {
+  const c10::cuda::CUDAGuard guard(pre.device());
+  return route(pre, std::string(routing), k, theta, kCuda);
+}
+Csr4 sae_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
+                     c10::string_view routing, int64_t k, const c10::optional<at::Tensor>& theta) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return encode(x, W_enc, b_enc, b_dec, std::string(routing), k, theta, kCuda);
+}
+at::Tensor sae_gather_rows_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
+                                const at::Tensor& table, const c10::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  return gather_rows(row_ptr, col, coef, table, bias, kCuda);
+}
+at::Tensor sae_sampled_dot_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
+                                const at::Tensor& table) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return sampled_dot(row_ptr, col, grad, table, kCuda);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sae_csc_cuda(const at::Tensor& row_ptr, const at::Tensor& col,
+                                                            int64_t num_cols) {
+  const c10::cuda::CUDAGuard guard(col.device());
+  return csc(row_ptr, col, num_cols);
+}
+std::tuple<at::Tensor, at::Tensor> sae_segment_sum_cuda(const at::Tensor& col_ptr, const at::Tensor& perm,
+                                                        const at::Tensor& token, const at::Tensor& coef,
+                                                        const at::Tensor& src) {
+  const c10::cuda::CUDAGuard guard(src.device());
+  return segment_sum(col_ptr, perm, token, coef, src, kCuda);
+}
+
+}  // namespace
+}  // namespace sae
+}  // namespace fusedtrain
+
+TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
+  m.impl("sae_topk_select", &fusedtrain::sae::sae_topk_select_cuda);
+  m.impl("sae_route", &fusedtrain::sae::sae_route_cuda);
+  m.impl("sae_encode", &fusedtrain::sae::sae_encode_cuda);
+  m.impl("sae_gather_rows", &fusedtrain::sae::sae_gather_rows_cuda);
+  m.impl("_sae_sampled_dot", &fusedtrain::sae::sae_sampled_dot_cuda);
+  m.impl("_sae_csc", &fusedtrain::sae::sae_csc_cuda);
+  m.impl("_sae_segment_sum", &fusedtrain::sae::sae_segment_sum_cuda);
+}

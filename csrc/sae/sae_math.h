@@ -1,0 +1,52 @@
+// Selection rules shared by the CPU and CUDA routing kernels (__host__ __device__), so the CPU tests
+// cover the very predicates the GPU evaluates.
+//
+// Every routing keeps entries with pre > 0 ranked by (value descending, index ascending); the index
+// is the feature for TopK, the token for feature choice, the flat position b·F + f for mutual
+// choice. Feature choice, mutual choice and threshold routing all reduce to one per-feature cutoff
+// (T_f, L_f): entry (b, f) is kept when pre > 0 and (pre > T_f, or pre == T_f and idx <= L_f).
+// T = +inf keeps nothing, T = 0 with L = -1 keeps every positive entry, L = -1 alone is `pre > T`.
+#pragma once
+
+#include "../common/math.h"
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fusedtrain {
+namespace sae {
+
+// NaN ranks below everything (as -inf) and is never selected: the order stays total.
+template <typename acc>
+FT_HOST_DEVICE inline acc rank_key(acc v) {
+  return v != v ? -std::numeric_limits<acc>::infinity() : v;
+}
+
+// Whether (va, ia) ranks before (vb, ib): larger value first, then smaller index.
+template <typename acc>
+FT_HOST_DEVICE inline bool ranks_before(acc va, int64_t ia, acc vb, int64_t ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// The cutoff predicate above; `idx` is the token (feature choice) or flat index (mutual choice).
+template <typename acc>
+FT_HOST_DEVICE inline bool kept(acc v, acc cut_value, int64_t idx, int64_t cut_index) {
+  return v > acc(0) && (v > cut_value || (v == cut_value && idx <= cut_index));
+}
+
+// Radix bucket of a positive value: its top 16 bits, monotone in the value for positive floats.
+FT_HOST_DEVICE inline uint32_t radix_bucket(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits >> 16;
+}
+FT_HOST_DEVICE inline uint32_t radix_bucket(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return static_cast<uint32_t>(bits >> 48);
+}
+constexpr int kRadixBuckets = 1 << 16;
+
+}  // namespace sae
+}  // namespace fusedtrain
