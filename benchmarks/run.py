@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import bench_frugal, bench_linear_spherical, bench_sae, bench_spherical, harness, plot
+from . import bench_frugal, bench_linear_spherical, bench_mining, bench_sae, bench_spherical, harness, plot
 
 # family -> module with
 #   run(device, quick, *, env, copy_gbps) -> rows (dicts with the module's ROW_FIELDS keys)
@@ -17,7 +17,7 @@ from . import bench_frugal, bench_linear_spherical, bench_sae, bench_spherical, 
 #   optional: TABLE (printed columns, as below) and plot(rows, path, title) (default: plot.plot)
 # A new family is one import and one entry here.
 FAMILIES = {"spherical": bench_spherical, "linear": bench_linear_spherical, "sae": bench_sae,
-            "frugal": bench_frugal}
+            "frugal": bench_frugal, "mining": bench_mining}
 
 # Columns of the printed table (the CSV and JSON hold every field).
 TABLE = [("kind", "kind"), ("N", "N"), ("D", "D"), ("dtype", "dtype"), ("impl", "impl"), ("pass", "pass"),

@@ -33,7 +33,8 @@ def extension_error() -> str | None:
 
 # The compiled ops behind the public API (the CLI's `info` lists them).
 OPS = ("spherical_loss", "linear_spherical_loss", "sae_route", "sae_encode", "sae_topk_select",
-       "sae_gather_rows", "frugal_step_")
+       "sae_gather_rows", "frugal_step_", "multi_similarity_loss", "mine_pairs", "batch_hard_mine",
+       "tcm_loss")
 
 
 def _query_backends(op: str) -> list[str]:

@@ -1,0 +1,706 @@
+"""fusedtrain.mining against the float64 references (fusedtrain.reference.mining) and against
+pytorch-metric-learning 2.9.0 (optional: those tests skip without it).
+
+Fused Multi-Similarity loss and TCM (values, gradients to embeddings and ref_emb), the mining ops
+(pairs compared as sets), row-chunk edges (small tiles), odd/empty shapes, non-contiguous inputs,
+gradcheck, opcheck, torch.compile, errors, the memory bound, and the PML-compatible classes including
+CrossBatchMemory across wrap-around. Every test runs on "cpu" and (marked `cuda`) on "cuda".
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import mining as fm
+from fusedtrain.reference import mining as ref
+
+try:
+    import pytorch_metric_learning
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+    from pytorch_metric_learning.distances import CosineSimilarity
+    HAS_PML = pytorch_metric_learning.__version__ == "2.9.0"
+except Exception:  # noqa: BLE001 - any import failure means: no parity tests
+    HAS_PML = False
+
+needs_pml = pytest.mark.skipif(not HAS_PML, reason="pytorch-metric-learning 2.9.0 not installed")
+
+# (B, M, d, classes): odd sizes, a single row, rows longer than 256 threads (CUDA: several columns
+# per thread), few classes (many positives) and many (rows without positives).
+SHAPES = [(1, 1, 3, 2), (7, 5, 1, 3), (33, 40, 16, 4), (64, 300, 9, 50), (130, 129, 33, 7)]
+DTYPE_TOL = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 2e-5, id="fp32")]
+
+
+def kernels_built(device: str) -> bool:
+    key = "CUDA" if device == "cuda" else "CPU"
+    return key in fusedtrain._backend.backends_for("multi_similarity_loss")
+
+
+@pytest.fixture
+def needs_kernels(device):
+    if not kernels_built(device):
+        pytest.skip(f"no compiled {device} kernel for the mining ops in this build")
+
+
+@pytest.fixture(params=[None, 97], ids=["one_tile", "small_tiles"])
+def tiles(request):
+    """Default tiles, or tiles of 97 elements (one row a tile for M > 48): chunk edges everywhere."""
+    if request.param is None or not hasattr(torch.ops.fusedtrain, "_mining_tile_elements"):
+        yield
+        return
+    previous = torch.ops.fusedtrain._mining_tile_elements(request.param)
+    try:
+        yield
+    finally:
+        torch.ops.fusedtrain._mining_tile_elements(previous)
+
+
+def make_case(B, M, d, classes, device, dtype=torch.float64, *, with_ref=True):
+    x = torch.randn(B, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    labels = torch.randint(0, classes, (B,), device=device)
+    if not with_ref:
+        return x, labels, None, None
+    r = torch.randn(M, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    ref_labels = torch.randint(0, classes, (M,), device=device)
+    return x, labels, r, ref_labels
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+def loss_and_grads(fn, x, labels, r, rl, ref_grad, **kw):
+    x = x.detach().clone().requires_grad_()
+    rr = None if r is None else r.detach().clone().requires_grad_(ref_grad)
+    loss = fn(x, labels, rr, rl, **kw)
+    inputs = [x] + ([rr] if ref_grad and rr is not None else [])
+    grads = torch.autograd.grad(loss, inputs) if loss.requires_grad else [torch.zeros_like(t) for t in inputs]
+    return loss.detach(), grads
+
+
+def check_loss(fn, ref_fn, x, labels, r, rl, tol, ref_grad=True, **kw):
+    loss, grads = loss_and_grads(fn, x, labels, r, rl, ref_grad, **kw)
+    ref_loss, ref_grads = loss_and_grads(ref_fn, x, labels, r, rl, ref_grad, **kw)
+    assert loss.dtype == x.dtype and loss.shape == ()
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert abs(loss.double().item() - ref_loss.double().item()) <= tol * max(1.0, abs(ref_loss.item()))
+    for g, rg in zip(grads, ref_grads):
+        assert g.shape == rg.shape and g.dtype == rg.dtype
+        # Relative to the gradient's scale, plus an absolute floor for rounding noise where the exact
+        # gradient vanishes (d = 1: x / |x| is locally constant).
+        floor = 1e-12 if x.dtype == torch.float64 else 2e-6
+        assert (g.double() - rg.double()).abs().max().item() <= tol * rg.abs().max().item() + floor
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Multi-Similarity loss vs the reference (same dtype, so mining decisions are the same)
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mine", [True, False], ids=["mined", "all_pairs"])
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_ms_loss_matches_reference(device, tiles, dtype, tol, shape, mine, with_ref):
+    x, labels, r, rl = make_case(*shape, device, dtype, with_ref=with_ref)
+    check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r, rl, tol, mine=mine,
+               alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)
+
+
+@pytest.mark.parametrize("hyper", [dict(alpha=0.5, beta=10.0, base=0.2, epsilon=0.3),
+                                   dict(alpha=5.0, beta=80.0, base=0.9, epsilon=-0.05)])
+def test_ms_loss_hyperparameters(device, hyper):
+    x, labels, r, rl = make_case(40, 50, 8, 4, device)
+    check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r, rl, 1e-10, **hyper)
+
+
+@pytest.mark.parametrize("labels_kind", ["all_unique", "all_same", "one_positive_each"])
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_ms_loss_rows_without_positives_or_negatives(device, tiles, labels_kind, with_ref):
+    B = 24
+    x, _, r, _ = make_case(B, B, 6, 2, device, with_ref=True)
+    labels = {"all_unique": torch.arange(B), "all_same": torch.zeros(B, dtype=torch.long),
+              "one_positive_each": torch.arange(B) // 2}[labels_kind].to(device)
+    rl = labels.flip(0) if with_ref else None
+    check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r if with_ref else None, rl,
+               1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+def test_ms_loss_self_index(device, tiles, dtype, tol):
+    """Cross-batch memory: each anchor's own column counts for the thresholds, not as a positive.
+    Also arbitrary self_index values: a negative column stays a negative, -1 or >= M drop nothing."""
+    x, labels, r, rl = make_case(20, 45, 7, 3, device, dtype)
+    slots = torch.randperm(45, device=device)[:20]
+    r[slots] = x  # the batch was written into the memory
+    rl[slots] = labels
+    arbitrary = torch.randint(-1, 47, (20,), device=device)
+    for index in (slots, arbitrary):
+        for mine in (True, False):
+            check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, r, rl, tol, ref_grad=False,
+                       mine=mine, self_index=index)
+
+
+def test_ms_loss_ref_same_object_is_in_batch(device):
+    x, labels, _, _ = make_case(30, 30, 5, 4, device, with_ref=False)
+    a = fm.multi_similarity_loss(x, labels, x, labels)
+    b = fm.multi_similarity_loss(x, labels)
+    c = fm.multi_similarity_loss(x, labels, x.clone(), labels.clone())  # a copy: self pairs count
+    assert torch.equal(a, b)
+    torch.testing.assert_close(c, ref.multi_similarity_loss(x, labels, x.clone(), labels.clone()), rtol=1e-10, atol=0)
+
+
+def test_ms_loss_in_batch_gradient_counts_both_roles(device):
+    """In-batch, each embedding is an anchor and a reference column: the gradient has both terms."""
+    x, labels, _, _ = make_case(16, 16, 4, 3, device, with_ref=False)
+    check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, x, labels, None, None, 1e-10)
+    # Same as the explicit reference with the same tensor on both sides (autograd adds both roles).
+    xx = x.clone().requires_grad_()
+    g_ref = torch.autograd.grad(ref.multi_similarity_loss(xx, labels), xx)[0]
+    g = torch.autograd.grad(fm.multi_similarity_loss(xx, labels), xx)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,M", [(0, 5), (4, 0), (0, 0)])
+def test_ms_loss_empty(device, B, M):
+    x, labels, r, rl = make_case(B, M, 3, 2, device)
+    xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+    loss = fm.multi_similarity_loss(xx, labels, rr, rl)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert xx.grad.shape == x.shape and rr.grad.shape == r.shape
+    assert (xx.grad == 0).all() and (rr.grad == 0).all()
+
+
+def test_ms_loss_non_contiguous(device, tiles):
+    x, labels, r, rl = make_case(23, 31, 6, 4, device)
+    xt = x.t().contiguous().t()          # column-major
+    rs = torch.cat([r, r], 1)[:, ::2]    # strided rows
+    ls = torch.stack([labels, labels], 1)[:, 0]
+    assert not xt.is_contiguous() and not rs.is_contiguous() and not ls.is_contiguous()
+    check_loss(fm.multi_similarity_loss, ref.multi_similarity_loss, xt, ls, rs, rl, 1e-10)
+
+
+def test_ms_loss_bfloat16_within_float32_error(device):
+    """bf16/fp16 run in fp32 inside: the result is the fp32 computation on the upcast input,
+    rounded to bf16 (mining decisions of the fp32 S)."""
+    x, labels, r, rl = make_case(40, 60, 16, 5, device, torch.bfloat16)
+    loss = fm.multi_similarity_loss(x, labels, r, rl)
+    assert loss.dtype == torch.bfloat16
+    expect = ref.multi_similarity_loss(x.float(), labels, r.float(), rl)
+    # Within one bf16 rounding of the fp32 value (GEMM summation order may differ in the last bits).
+    assert abs(loss.item() - expect.item()) <= 2 ** -8 * abs(expect.item())
+
+
+def test_ms_loss_bad_input(device):
+    x, labels, r, rl = make_case(6, 8, 3, 2, device)
+    cases = [
+        (lambda: fm.multi_similarity_loss(x[0], labels), ValueError, "embeddings"),
+        (lambda: fm.multi_similarity_loss(x, labels[:-1]), ValueError, "labels"),
+        (lambda: fm.multi_similarity_loss(x, labels.double()), TypeError, "labels"),
+        (lambda: fm.multi_similarity_loss(x.long(), labels), TypeError, "embeddings"),
+        (lambda: fm.multi_similarity_loss(x, labels, r, rl[:-1]), ValueError, "ref_labels"),
+        (lambda: fm.multi_similarity_loss(x, labels, r), ValueError, "ref_labels"),
+        (lambda: fm.multi_similarity_loss(x, labels, None, rl), ValueError, "ref_labels"),
+        (lambda: fm.multi_similarity_loss(x, labels, r[:, :2], rl), ValueError, "ref_emb"),
+        (lambda: fm.multi_similarity_loss(x, labels, r.float(), rl), TypeError, "ref_emb"),
+        (lambda: fm.multi_similarity_loss(x, labels, epsilon=float("nan")), ValueError, "epsilon"),
+        (lambda: fm.multi_similarity_loss(x, labels, alpha=-1.0), ValueError, "alpha"),
+        (lambda: fm.multi_similarity_loss(x, labels, beta=-2.0), ValueError, "beta"),
+        (lambda: fm.multi_similarity_loss(x, labels, base=float("inf")), ValueError, "base"),
+        (lambda: fm.multi_similarity_loss(x, labels, self_index=labels), ValueError, "self_index"),
+        (lambda: fm.multi_similarity_mine(x, labels, epsilon=float("nan")), ValueError, "epsilon"),
+        (lambda: fm.pair_margin_mine(x, labels, pos_margin=float("nan")), ValueError, "pos_margin"),
+        (lambda: fm.batch_hard_mine(x.unsqueeze(0), labels), ValueError, "embeddings"),
+        (lambda: fm.tcm_loss(x, labels, margin_plus=float("nan")), ValueError, "margin_plus"),
+        (lambda: fm.tcm_loss(x, labels[:3]), ValueError, "labels"),
+    ]
+    for call, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            call()
+
+
+def test_compiled_op_checks_its_arguments(device, needs_kernels):
+    """The C++ op names the bad argument too (callers may skip the Python checks)."""
+    x, labels, r, rl = make_case(6, 8, 3, 2, device)
+    op = torch.ops.fusedtrain.multi_similarity_loss
+    cases = [
+        (lambda: op(x[0], labels, None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "embeddings"),
+        (lambda: op(x, labels[:2], None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "labels"),
+        (lambda: op(x, labels.int(), None, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "labels"),
+        (lambda: op(x, labels, r, None, None, 2.0, 50.0, 0.5, 0.1, True, False, False), "ref_labels"),
+        (lambda: op(x, labels, r, rl[:3], None, 2.0, 50.0, 0.5, 0.1, True, False, False), "ref_labels"),
+        (lambda: op(x, labels, r, rl, labels[:2], 2.0, 50.0, 0.5, 0.1, True, False, False), "self_index"),
+        (lambda: op(x, labels, None, None, None, -2.0, 50.0, 0.5, 0.1, True, False, False), "alpha"),
+        (lambda: op(x, labels, None, None, None, 2.0, 0.0, 0.5, 0.1, True, False, False), "beta"),
+        (lambda: op(x, labels, None, None, None, 2.0, 50.0, 0.5, float("nan"), True, False, False), "epsilon"),
+        (lambda: torch.ops.fusedtrain.mine_pairs(x, labels, None, None, "nope", 0.1, 0.2, 0.8), "rule"),
+        (lambda: torch.ops.fusedtrain._multi_similarity_loss_backward(
+            torch.ones((), dtype=x.dtype, device=device), x, labels, None, None, None,
+            torch.zeros(6, 2, dtype=x.dtype, device=device), 2.0, 50.0, 0.5, 0.1, True, False), "row_stats"),
+    ]
+    for call, name in cases:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mining ops vs the reference (sets)
+
+def pairs(a, b):
+    assert a.dtype == torch.long and b.dtype == torch.long and a.shape == b.shape
+    return set(zip(a.tolist(), b.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_mining_matches_reference(device, tiles, dtype, shape, with_ref):
+    x, labels, r, rl = make_case(*shape, device, dtype, with_ref=with_ref)
+    for eps in (0.1, 0.5):
+        ours = fm.multi_similarity_mine(x, labels, r, rl, epsilon=eps)
+        want = ref.multi_similarity_mine(x, labels, r, rl, epsilon=eps)
+        assert all(t.device == labels.device for t in ours)
+        assert pairs(*ours[:2]) == pairs(*want[:2]) and pairs(*ours[2:]) == pairs(*want[2:])
+        assert len(ours[0]) == len(want[0]) and len(ours[2]) == len(want[2])  # no duplicates
+    ours = fm.pair_margin_mine(x, labels, r, rl, pos_margin=0.3, neg_margin=-0.1)
+    want = ref.pair_margin_mine(x, labels, r, rl, pos_margin=0.3, neg_margin=-0.1)
+    assert pairs(*ours[:2]) == pairs(*want[:2]) and pairs(*ours[2:]) == pairs(*want[2:])
+    ours = fm.batch_hard_mine(x, labels, r, rl)
+    want = ref.batch_hard_mine(x, labels, r, rl)
+    assert all(torch.equal(o, w) for o, w in zip(ours, want))
+
+
+def test_batch_hard_ties_take_first_index(device):
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], device=device)
+    labels = torch.tensor([0, 0, 0, 1, 1], device=device)
+    a, p, n = fm.batch_hard_mine(x, labels)
+    want = ref.batch_hard_mine(x, labels)
+    assert all(torch.equal(o, w) for o, w in zip((a, p, n), want))
+    assert p.tolist() == [1, 0, 0, 4, 3] and n.tolist() == [3, 3, 3, 0, 0]
+
+
+@pytest.mark.parametrize("B,M", [(0, 5), (4, 0), (0, 0)])
+def test_mining_empty(device, B, M):
+    x, labels, r, rl = make_case(B, M, 3, 2, device)
+    for out in (fm.multi_similarity_mine(x, labels, r, rl), fm.pair_margin_mine(x, labels, r, rl),
+                fm.batch_hard_mine(x, labels, r, rl)):
+        assert all(t.numel() == 0 and t.dtype == torch.long for t in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# TCM
+
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_tcm_matches_reference(device, tiles, dtype, tol, shape, with_ref):
+    x, labels, r, rl = make_case(*shape, device, dtype, with_ref=with_ref)
+    for hyper in (dict(), dict(lambda_plus=0.5, lambda_minus=2.0, margin_plus=0.2, margin_minus=-0.1)):
+        check_loss(fm.tcm_loss, ref.tcm_loss, x, labels, r, rl, tol, **hyper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, opcheck, torch.compile
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_gradcheck_ms_loss(device, needs_kernels, mine):
+    x, labels, r, rl = make_case(9, 11, 4, 3, device)
+    x.requires_grad_()
+    r.requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: fm.multi_similarity_loss(a, labels, b, rl, mine=mine), (x, r))
+    torch.autograd.gradcheck(lambda a: fm.multi_similarity_loss(a, labels, mine=mine), (x,))
+
+
+def test_gradcheck_tcm(device, needs_kernels):
+    x, labels, r, rl = make_case(9, 11, 4, 3, device)
+    x.requires_grad_()
+    r.requires_grad_()
+    kw = dict(margin_plus=0.3, margin_minus=-0.2)
+    torch.autograd.gradcheck(lambda a, b: fm.tcm_loss(a, labels, b, rl, **kw), (x, r))
+    torch.autograd.gradcheck(lambda a: fm.tcm_loss(a, labels, **kw), (x,))
+
+
+def test_gradcheck_pair_list_paths(device):
+    """The classes' pair-list paths (chunked cosine of index lists) for both losses."""
+    x, labels, r, rl = make_case(9, 11, 4, 3, device)
+    x.requires_grad_()
+    r.requires_grad_()
+    mined = ref.multi_similarity_mine(x, labels, r, rl, epsilon=0.3)
+    torch.autograd.gradcheck(lambda a, b: fm.MultiSimilarityLoss()(a, labels, mined, b, rl), (x, r))
+    tcm = fm.ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=-0.2)
+    torch.autograd.gradcheck(lambda a, b: tcm(a, labels, mined, b, rl), (x, r))
+    in_batch = ref.batch_hard_mine(x, labels)
+    torch.autograd.gradcheck(lambda a: fm.MultiSimilarityLoss()(a, labels, in_batch), (x,))
+
+
+def test_opcheck(device, needs_kernels):
+    x, labels, r, rl = make_case(7, 9, 5, 3, device)
+    x.requires_grad_()
+    r.requires_grad_()
+    slots = torch.arange(7, device=device)
+    for args in ((x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, True, True),
+                 (x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, False, False),
+                 (x, labels, r, rl, None, 2.0, 50.0, 0.5, 0.1, True, True, False),
+                 (x, labels, None, None, None, 2.0, 50.0, 0.5, 0.1, False, True, False),
+                 (x, labels, None, None, None, 2.0, 50.0, 0.5, 0.1, False, False, False),
+                 (x, labels, r, rl, slots, 1.0, 20.0, 0.4, 0.2, True, True, True)):
+        torch.library.opcheck(torch.ops.fusedtrain.multi_similarity_loss, args)
+    torch.library.opcheck(torch.ops.fusedtrain.tcm_loss, (x, labels, r, rl, 1.0, 1.0, 0.5, 0.0))
+    torch.library.opcheck(torch.ops.fusedtrain.tcm_loss, (x, labels, None, None, 1.0, 2.0, 0.3, 0.1))
+    xd = x.detach()
+    for rule in ("multi_similarity", "pair_margin"):
+        torch.library.opcheck(torch.ops.fusedtrain.mine_pairs, (xd, labels, r.detach(), rl, rule, 0.1, 0.2, 0.0),
+                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fusedtrain.batch_hard_mine, (xd, labels, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile(device, needs_kernels):
+    x, labels, r, rl = make_case(12, 20, 6, 3, device, torch.float32)
+
+    def step(a, b):
+        return fm.multi_similarity_loss(a, labels, b, rl) + fm.tcm_loss(a, labels, b, rl)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xa, ra = x.clone().requires_grad_(), r.clone().requires_grad_()
+    xb, rb = x.clone().requires_grad_(), r.clone().requires_grad_()
+    la, lb = step(xa, ra), compiled(xb, rb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ra.grad, rb.grad)
+
+
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_forward_computed_gradient_equals_backward_op(device, needs_kernels, with_ref):
+    """compute_grad (the default when a gradient is wanted) and the recomputing backward op agree."""
+    x, labels, r, rl = make_case(21, 33, 5, 3, device, with_ref=with_ref)
+    grads = []
+    for compute_grad in (True, False):
+        xx = x.clone().requires_grad_()
+        rr = None if r is None else r.clone().requires_grad_()
+        loss = torch.ops.fusedtrain.multi_similarity_loss(xx, labels, rr, rl, None, 2.0, 50.0, 0.5, 0.1, True,
+                                                          compute_grad, rr is not None and compute_grad)[0]
+        up = torch.tensor(0.7, dtype=loss.dtype, device=device)
+        grads.append(torch.autograd.grad(loss * up, [xx] + ([rr] if rr is not None else [])))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_backward_twice_and_no_grad(device):
+    x, labels, r, rl = make_case(10, 12, 4, 3, device)
+    xx = x.clone().requires_grad_()
+    loss = fm.multi_similarity_loss(xx, labels, r, rl)
+    g1 = torch.autograd.grad(loss, xx, retain_graph=True)[0]
+    g2 = torch.autograd.grad(loss * 3, xx)[0]
+    torch.testing.assert_close(g2, 3 * g1)
+    with torch.no_grad():
+        assert not fm.multi_similarity_loss(xx, labels, r, rl).requires_grad
+
+
+def test_double_backward_refused(device, needs_kernels):
+    x, labels, r, rl = make_case(8, 10, 4, 3, device)
+    for fn in (fm.multi_similarity_loss, fm.tcm_loss):
+        xx = x.clone().requires_grad_()
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(fn(xx, labels, r, rl), xx, create_graph=True)
+
+
+def test_selftest_mining(device):
+    from fusedtrain import selftest
+    assert selftest.run([device], ["mining"], verbose=False) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale: memory bound and a large in-batch run (in-process RSS measurement, see benchmarks/harness.py)
+
+def _peak_extra_mib(fn):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from benchmarks import harness
+    finally:
+        sys.path.pop(0)
+    return harness._cpu_peak_extra_mib(fn)
+
+
+@pytest.mark.slow
+def test_memory_bound_against_large_reference_set(needs_kernels_cpu):
+    """B = 1024 against M = 65536, d = 128, float32, forward + backward: < 256 MiB extra (a B×M
+    matrix alone would be 256 MiB)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=gen).requires_grad_()
+    labels = torch.randint(0, 1000, (1024,), generator=gen)
+    r = torch.randn(65536, 128, generator=gen)
+    rl = torch.randint(0, 1000, (65536,), generator=gen)
+
+    def step():
+        x.grad = None
+        fm.multi_similarity_loss(x, labels, r, rl).backward()
+
+    step()  # warm up (thread pools, MKL buffers)
+    extra = _peak_extra_mib(step)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert extra < 256, f"{extra:.1f} MiB extra"
+    # A trainable reference set: its gradient (32 MiB) and normalized copy on top, still bounded.
+    r.requires_grad_()
+
+    def step_with_ref_grad():
+        x.grad = r.grad = None
+        fm.multi_similarity_loss(x, labels, r, rl).backward()
+
+    extra = _peak_extra_mib(step_with_ref_grad)
+    assert torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+    assert extra < 256, f"{extra:.1f} MiB extra with ref_emb.requires_grad"
+
+
+@pytest.fixture
+def needs_kernels_cpu():
+    if not kernels_built("cpu"):
+        pytest.skip("no compiled CPU kernel for the mining ops in this build")
+
+
+@pytest.mark.slow
+def test_large_in_batch(needs_kernels_cpu):
+    """B = 32768 in-batch (S would be 4 GiB): runs, and sampled rows' statistics match a reference
+    computed on those rows alone."""
+    gen = torch.Generator().manual_seed(1)
+    B, d = 32768, 16
+    x = torch.randn(B, d, generator=gen).requires_grad_()
+    labels = torch.randint(0, 2000, (B,), generator=gen)
+    loss, stats = fm.multi_similarity_loss_with_stats(x, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and stats.shape == (B, 6) and torch.isfinite(x.grad).all()
+    rows = torch.randint(0, B, (6,), generator=gen)
+    q = torch.nn.functional.normalize(x.detach(), dim=1)
+    S = q[rows] @ q.t()
+    pos = labels[rows][:, None] == labels[None, :]
+    pos[torch.arange(6), rows] = False
+    neg = labels[rows][:, None] != labels[None, :]
+    keep_pos, keep_neg = ref.multi_similarity_masks(S, pos, neg, 0.1)
+    lse_pos = ref._log1p_sum_exp(-2.0 * (S - 0.5), keep_pos)
+    lse_neg = ref._log1p_sum_exp(50.0 * (S - 0.5), keep_neg)
+    torch.testing.assert_close(stats[rows, 2], lse_pos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats[rows, 3], lse_neg, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with pytorch-metric-learning 2.9.0
+
+def same_pairs_or_ties(ours, theirs, S, thresholds_fn, tol):
+    """Equal as sets, except pairs within `tol` of their mining threshold (ties that S's rounding
+    may tip either way)."""
+    diff = pairs(*ours) ^ pairs(*theirs)
+    for i, j in diff:
+        assert thresholds_fn(i, j) <= tol, (i, j, thresholds_fn(i, j))
+
+
+def pml_ms_parity(x, labels, r, rl, tol_tie):
+    pm = pml_miners.MultiSimilarityMiner(0.1)(x, labels, r, rl)
+    om = fm.MultiSimilarityMiner(0.1)(x, labels, r, rl)
+    in_batch = r is None or r is x
+    S = ref.similarity(x.double(), None if in_batch else r.double())
+    pos, neg = ref.pair_masks(labels, None if in_batch else rl)
+    min_pos = ref._row_min(S, pos)
+    max_neg = ref._row_max(S, neg)
+    same_pairs_or_ties(om[:2], pm[:2], S, lambda i, j: abs(S[i, j] - 0.1 - max_neg[i]).item(), tol_tie)
+    same_pairs_or_ties(om[2:], pm[2:], S, lambda i, j: abs(S[i, j] + 0.1 - min_pos[i]).item(), tol_tie)
+    return pm, om
+
+
+@needs_pml
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("ref_mode", ["none", "same_object", "copy", "other"])
+@pytest.mark.parametrize("labels_kind", ["random", "all_unique", "all_same"])
+def test_pml_multi_similarity_parity(device, tiles, dtype, ref_mode, labels_kind):
+    B = 48
+    x, labels, r, rl = make_case(B, 64, 12, 6, device, dtype)
+    if labels_kind == "all_unique":
+        labels, rl = torch.arange(B, device=device), torch.arange(64, device=device) % 80
+    elif labels_kind == "all_same":
+        labels, rl = torch.zeros_like(labels), torch.zeros_like(rl)
+    r, rl = {"none": (None, None), "same_object": (x, labels), "copy": (x.clone(), labels.clone()),
+             "other": (r, rl)}[ref_mode]
+    tol_tie = 1e-12 if dtype == torch.float64 else 1e-5
+    pm, om = pml_ms_parity(x, labels, r, rl, tol_tie)
+    # Loss and gradients: PML's loss over PML's pairs vs ours fused (ours mines itself).
+    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    same = ref_mode == "same_object"
+    rp = None if r is None else (xp if same else r.clone().requires_grad_())
+    ro = None if r is None else (xo if same else r.clone().requires_grad_())
+    lp = pml_losses.MultiSimilarityLoss()(xp, labels, pml_miners.MultiSimilarityMiner(0.1)(xp, labels, rp, rl),
+                                          rp, rl)
+    lo = fm.MultiSimilarityLoss(miner=fm.MultiSimilarityMiner(0.1))(xo, labels, None, ro, rl)
+    # PML's usual call shape takes the fused path too (the miner's lazy tuple is never read).
+    lo_usual = fm.MultiSimilarityLoss()(xo, labels, fm.MultiSimilarityMiner(0.1)(xo, labels, ro, rl), ro, rl)
+    assert torch.equal(lo_usual, lo)
+    if pairs(*pm[:2]) != pairs(*om[:2]) or pairs(*pm[2:]) != pairs(*om[2:]):
+        pytest.skip("a pair at a mining threshold tipped differently (tie)")
+    assert abs(lo.item() - lp.item()) <= (1e-6 if dtype == torch.float64 else 1e-5) * max(1.0, abs(lp.item()))
+    wanted = [xp] + ([rp] if rp is not None and not same else [])
+    got = [xo] + ([ro] if ro is not None and not same else [])
+    if lp.requires_grad:
+        ggp = torch.autograd.grad(lp, wanted, allow_unused=True)
+        ggo = torch.autograd.grad(lo, got, allow_unused=True)
+        for t, gp, go in zip(wanted, ggp, ggo):
+            gp = torch.zeros_like(t) if gp is None else gp
+            go = torch.zeros_like(t) if go is None else go
+            atol = 1e-12 if dtype == torch.float64 else 2e-6 * max(1.0, gp.abs().max().item())
+            torch.testing.assert_close(go, gp, rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=atol)
+    # The loss given PML's tuple (pair-list path) agrees too, and so does the all-pairs loss.
+    lt = fm.MultiSimilarityLoss()(x, labels, pm, r, rl)
+    torch.testing.assert_close(lt.double(), pml_losses.MultiSimilarityLoss()(x, labels, pm, r, rl).double(),
+                               rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=1e-7)
+    la = fm.MultiSimilarityLoss()(x, labels, None, r, rl)
+    lpa = pml_losses.MultiSimilarityLoss()(x, labels, None, r, rl)
+    torch.testing.assert_close(la.double(), lpa.double(), rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=1e-7)
+
+
+@needs_pml
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_pml_batch_hard_and_pair_margin_parity(device, tiles, dtype, with_ref):
+    x, labels, r, rl = make_case(50, 70, 10, 5, device, dtype, with_ref=with_ref)
+    cos = CosineSimilarity()
+    ours = fm.BatchHardMiner()(x, labels, r, rl)
+    theirs = pml_miners.BatchHardMiner(distance=cos)(x, labels, r, rl)
+    assert all(torch.equal(o, t) for o, t in zip(ours, theirs))
+    ours = fm.PairMarginMiner(0.3, 0.1)(x, labels, r, rl)
+    theirs = pml_miners.PairMarginMiner(0.3, 0.1, distance=cos)(x, labels, r, rl)
+    assert pairs(*ours[:2]) == pairs(*theirs[:2]) and pairs(*ours[2:]) == pairs(*theirs[2:])
+    # A triplet tuple into the Multi-Similarity loss (PML converts it to pairs).
+    lo = fm.MultiSimilarityLoss()(x, labels, ours and fm.BatchHardMiner()(x, labels, r, rl), r, rl)
+    lp = pml_losses.MultiSimilarityLoss()(x, labels, pml_miners.BatchHardMiner(distance=cos)(x, labels, r, rl),
+                                          r, rl)
+    torch.testing.assert_close(lo.double(), lp.double(), rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=1e-7)
+
+
+@needs_pml
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_pml_tcm_parity(device, dtype):
+    x, labels, _, _ = make_case(40, 40, 8, 4, device, dtype, with_ref=False)
+    for hyper in (dict(), dict(lambda_plus=0.5, lambda_minus=2.0, margin_plus=0.3, margin_minus=0.0)):
+        xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        lp = pml_losses.ThresholdConsistentMarginLoss(**hyper)(xp, labels)
+        lo = fm.ThresholdConsistentMarginLoss(**hyper)(xo, labels)
+        tol = 1e-9 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(lo.double(), lp.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.autograd.grad(lo, xo)[0], torch.autograd.grad(lp, xp)[0], rtol=tol,
+                                   atol=tol)
+        mined = pml_miners.MultiSimilarityMiner()(x, labels)
+        torch.testing.assert_close(fm.ThresholdConsistentMarginLoss(**hyper)(x, labels, mined).double(),
+                                   pml_losses.ThresholdConsistentMarginLoss(**hyper)(x, labels, mined).double(),
+                                   rtol=tol, atol=tol)
+
+
+@needs_pml
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("miner", ["none", "multi_similarity", "batch_hard"])
+def test_pml_cross_batch_memory_parity(device, dtype, miner):
+    """Several steps through a memory of 40 with batches of 16: fills, then wraps around."""
+    d = 8
+    make_miner = {"none": lambda lib: None,
+                  "multi_similarity": lambda lib: lib.MultiSimilarityMiner(0.1),
+                  "batch_hard": lambda lib: (lib.BatchHardMiner(distance=CosineSimilarity()) if lib is pml_miners
+                                             else lib.BatchHardMiner())}[miner]
+    ours = fm.CrossBatchMemory(fm.MultiSimilarityLoss(), d, memory_size=40, miner=make_miner(fm))
+    theirs = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), d, memory_size=40,
+                                         miner=make_miner(pml_miners))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for step in range(6):
+        x = torch.randn(16, d, dtype=dtype, device=device)
+        labels = torch.randint(0, 5, (16,), device=device)
+        xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        lo, lp = ours(xo, labels), theirs(xp, labels)
+        torch.testing.assert_close(lo.double(), lp.double(), rtol=tol, atol=tol)
+        if lp.requires_grad:
+            lo.backward()
+            lp.backward()
+            torch.testing.assert_close(xo.grad, xp.grad, rtol=max(tol, 1e-4), atol=tol)
+        assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
+        torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory.to(ours.embedding_memory))
+    assert ours.has_been_filled
+
+
+@needs_pml
+def test_pml_cross_batch_memory_enqueue_mask(device):
+    d = 6
+    ours = fm.CrossBatchMemory(fm.MultiSimilarityLoss(), d, memory_size=30)
+    theirs = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), d, memory_size=30)
+    for _ in range(4):
+        x = torch.randn(12, d, dtype=torch.float64, device=device)
+        labels = torch.randint(0, 4, (12,), device=device)
+        mask = torch.rand(12, device=device) < 0.5
+        torch.testing.assert_close(ours(x, labels, enqueue_mask=mask), theirs(x, labels, enqueue_mask=mask))
+
+
+@needs_pml
+def test_pml_quirk_at_most_one_pair_gives_zero(device):
+    x = torch.randn(2, 4, dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 1], device=device)  # one negative pair each way: two pairs -> not zero
+    torch.testing.assert_close(fm.MultiSimilarityLoss()(x, labels), pml_losses.MultiSimilarityLoss()(x, labels))
+    one = (torch.tensor([0], device=device), torch.tensor([1], device=device),
+           torch.tensor([0], device=device), torch.tensor([1], device=device))
+    labels = torch.tensor([0, 0], device=device)
+    assert fm.MultiSimilarityLoss()(x, labels, one).item() == 0.0
+    assert pml_losses.MultiSimilarityLoss()(x, labels, one).item() == 0.0
+    x1 = x[:1]
+    assert fm.MultiSimilarityLoss()(x1, labels[:1]).item() == 0.0 == pml_losses.MultiSimilarityLoss()(
+        x1, labels[:1]).item()
+
+
+def test_mined_pairs_fuse_only_with_their_own_inputs(device, monkeypatch):
+    x, labels, r, rl = make_case(30, 40, 6, 4, device)
+    miner, loss_fn = fm.MultiSimilarityMiner(0.2), fm.MultiSimilarityLoss()
+    fused = fm.MultiSimilarityLoss(miner=miner)(x, labels, None, r, rl)
+    lazy = miner(x, labels, r, rl)
+    assert repr(lazy).startswith("MinedPairs(unread")
+    with monkeypatch.context() as m:  # the fused path: the pair-list path must not run
+        m.setattr(fm.MultiSimilarityLoss, "from_pairs", lambda *a: pytest.fail("pair-list path taken"))
+        assert torch.equal(loss_fn(x, labels, lazy, r, rl), fused)
+    assert repr(lazy).startswith("MinedPairs(unread")
+    # Read (unpacked, indexed, sliced), it is PML's tuple; on other inputs it is just pairs.
+    a1, p, a2, n = lazy
+    want = ref.multi_similarity_mine(x, labels, r, rl, epsilon=0.2)
+    assert pairs(a1, p) == pairs(*want[:2]) and pairs(*lazy[2:]) == pairs(*want[2:]) and len(lazy) == 4
+    torch.testing.assert_close(loss_fn(x, labels, lazy, r, rl), fused, rtol=1e-12, atol=1e-12)
+    other = x.clone()
+    torch.testing.assert_close(loss_fn(other, labels, lazy, r, rl),
+                               loss_fn(other, labels, tuple(lazy), r, rl), rtol=0, atol=0)
+
+
+def test_classes_reject_unsupported_options():
+    with pytest.raises(TypeError, match="distance"):
+        fm.MultiSimilarityMiner(0.1, distance=object())
+    with pytest.raises(TypeError, match="reducer"):
+        fm.MultiSimilarityLoss(reducer=object())
+    with pytest.raises(ValueError, match="alpha"):
+        fm.MultiSimilarityLoss(alpha=-1)
+    with pytest.raises(ValueError, match="memory_size"):
+        fm.CrossBatchMemory(fm.MultiSimilarityLoss(), 4, memory_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU vs CUDA
+
+@pytest.mark.cuda
+def test_cpu_cuda_agree(needs_kernels_cpu):
+    if not kernels_built("cuda"):
+        pytest.skip("no compiled CUDA kernel")
+    x, labels, r, rl = make_case(70, 300, 24, 6, "cpu")
+    for fn in (fm.multi_similarity_loss, fm.tcm_loss):
+        a, ga = loss_and_grads(fn, x, labels, r, rl, True)
+        b, gb = loss_and_grads(fn, x.cuda(), labels.cuda(), r.cuda(), rl.cuda(), True)
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-10, atol=1e-12)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(v.cpu(), u, rtol=1e-9, atol=1e-12)
+    for fn in (fm.multi_similarity_mine, fm.pair_margin_mine):
+        a, b = fn(x, labels, r, rl), fn(x.cuda(), labels.cuda(), r.cuda(), rl.cuda())
+        assert pairs(*a[:2]) == pairs(*[t.cpu() for t in b[:2]])
+        assert pairs(*a[2:]) == pairs(*[t.cpu() for t in b[2:]])
