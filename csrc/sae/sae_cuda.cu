@@ -571,6 +571,11 @@ void column_cutoff_cuda(const at::Tensor& pre, int64_t m, const at::Tensor& valu
     index.fill_(-1);
     return;
   }
+  if (m >= pre.size(0)) {  // at most m positive tokens in any column: every one is kept
+    value.fill_(0);
+    index.fill_(-1);
+    return;
+  }
   // Columns become rows: one transposed copy, then every feature's selection reads its tokens
   // contiguously (coalesced) instead of one element per row.
   const at::Tensor t = pre.t().contiguous();
