@@ -1,10 +1,11 @@
 """Small CUDA cases of the SAE kernels for compute-sanitizer (called by tests/sanitizer_cases.py).
 
 Every kernel path once: row top-k (bf16, fp32, fp64, k up to the 1024 limit, ties), the read-once
-row select's buffer compaction, scalar-load and NaN paths, the column cutoff on the transposed
-matrix, the global radix select (ties at the cutoff, budget above the positive count), the ordered
-CSR fill, gather decode, sampled dots and per-feature sums. Each case also checks its result
-against the float64 reference, so a path that runs clean but wrong fails.
+row select's buffer compaction, scalar-load and NaN paths, the read-once column cutoff (m <= 32)
+and the row kernels on the transposed matrix (larger m), the global radix select (ties at the
+cutoff, budget above the positive count), the ordered CSR fill, gather decode, sampled dots and
+per-feature sums. Each case also checks its result against the float64 reference, so a path that
+runs clean but wrong fails.
 """
 from __future__ import annotations
 
@@ -63,8 +64,11 @@ def read_once_cases(small: bool) -> None:
             for k in sorted({1, min(pre.shape[1], 64), min(pre.shape[1], 1024)}):
                 _same_topk(pre, k)
         cols = rows.t()
-        for m in (1, 4, 1024, 1025):
+        for m in (1, 4, 32, 33, 1024, 1025):
             _same_csr(sae.feature_choice_route(cols, m), cols, "feature_choice", m)
+        wide = rows.repeat(10, 1)[:, :300].t()  # 40 features: two blocks of the column kernel
+        for m in (1, 32):
+            _same_csr(sae.feature_choice_route(wide, m), wide, "feature_choice", m)
 
 
 def decode_case(B: int, d: int, F: int, dtype: torch.dtype) -> None:

@@ -201,22 +201,33 @@ def test_topk_read_once_nan(device, needs_kernels, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["ascending", "ties", "constant", "random"])
 def test_feature_choice_read_once_edge_paths(device, needs_kernels, dtype, kind):
-    # Feature choice selects over tokens: long columns (B = 5003 tokens, several tiles); m = 1,
-    # middles, the read-once limit 1024 and just above it (the multi-pass fallback), m >= B.
+    # Feature choice selects over tokens: long columns (B = 5003 tokens, many 32-token tiles).
+    # CUDA paths by m: the column kernel (m <= 32, 32 features a block: here 3 and, below, 40
+    # features), the transposed copy + read-once row kernel (33..1024), the multi-pass row select
+    # (1025..B-1), nothing to select (m >= B).
     pre = edge_rows(kind, 3, 5003, dtype, device).t()
-    for m in (1, 4, 64, 1024, 1025, 5003):
+    for m in (1, 4, 32, 33, 64, 1024, 1025, 5003):
+        assert_csr_equal(sae.feature_choice_route(pre, m), reference_csr(pre, "feature_choice", m))
+    pre = edge_rows(kind, 40, 700, dtype, device).t()
+    for m in (1, 7, 32, 33, 699, 700):
         assert_csr_equal(sae.feature_choice_route(pre, m), reference_csr(pre, "feature_choice", m))
 
 
-def _stream_select_model(row, k, threads, vec, capacity, topk):
-    """The read-once row select's algorithm in Python, step for step (tile layout, compaction
-    when the buffer cannot take a tile, strict threshold), returning TopK's indices best first or
-    the cutoff (value, index)."""
+def _stream_select_model(row, k, threads, vec, capacity, topk, ordered=True):
+    """The read-once select's algorithm in Python, step for step (tile layout, compaction when the
+    buffer cannot take a tile, strict threshold), returning TopK's indices best first or the cutoff
+    (value, index). ordered=True: the row kernel (appends in index order, radix select + stable
+    compaction, ties taken in buffer order); False: the column kernel (appends in any order within a
+    tile, compaction and the cutoff by counted ranks in the full order)."""
     vals = [-math.inf if v != v else v + 0.0 for v in row.tolist()]  # NaN -> -inf, -0 -> +0
     F, tile = len(vals), threads * vec
     buf, thr, eligible = [], None, 0
+    shuffle = torch.Generator().manual_seed(F * 31 + k)
 
     def keep_best(buf):  # radix select of the k-th key, then the stable compaction
+        if not ordered:  # entry of rank r moves to position r
+            best = sorted(buf, key=lambda e: (-e[0], e[1]))[:k]
+            return best, best[-1][0]
         kth = sorted((v for v, _ in buf), reverse=True)[k - 1]
         need, out = k - sum(v > kth for v, _ in buf), []
         for v, f in buf:
@@ -229,7 +240,10 @@ def _stream_select_model(row, k, threads, vec, capacity, topk):
         if len(buf) > capacity - tile:
             buf, thr = keep_best(buf)
             assert len(buf) == k
-        for f in range(base, min(base + tile, F)):  # thread-major = index order
+        order = range(base, min(base + tile, F))  # thread-major = index order
+        if not ordered:  # shared atomics: any order within the tile
+            order = [base + i for i in torch.randperm(len(order), generator=shuffle).tolist()]
+        for f in order:
             if not topk:
                 if not vals[f] > 0:
                     continue
@@ -237,7 +251,8 @@ def _stream_select_model(row, k, threads, vec, capacity, topk):
             if thr is None or vals[f] > thr:
                 buf.append((vals[f], f))
         assert len(buf) <= capacity
-    assert all(a[1] < b[1] for a, b in zip(buf, buf[1:]))  # buffer order is index order
+    if ordered:
+        assert all(a[1] < b[1] for a, b in zip(buf, buf[1:]))  # buffer order is index order
     if not topk:
         if eligible <= k:
             return 0.0, -1
@@ -248,10 +263,11 @@ def _stream_select_model(row, k, threads, vec, capacity, topk):
     return [f for _, f in sorted(buf, key=lambda e: (-e[0], e[1]))]
 
 
+@pytest.mark.parametrize("ordered", [True, False], ids=["row_kernel", "column_kernel"])
 @pytest.mark.parametrize("capacity_tiles", [1, 2])
-def test_read_once_algorithm_model(capacity_tiles):
-    """The kernel cannot run without a GPU: its buffer/threshold algorithm, modelled with tiny tiles
-    (many compactions), must equal the reference selection on adversarial rows."""
+def test_read_once_algorithm_model(capacity_tiles, ordered):
+    """The kernels cannot run without a GPU: their buffer/threshold algorithm, modelled with tiny
+    tiles (many compactions), must equal the reference selection on adversarial rows."""
     threads, vec = 4, 2
     for kind in ("ascending", "descending", "ties", "constant", "random"):
         rows = edge_rows(kind, 2, 203, torch.float64, "cpu").clone()
@@ -260,9 +276,9 @@ def test_read_once_algorithm_model(capacity_tiles):
         for k in (1, 3, 8, 40):
             capacity = k + capacity_tiles * threads * vec
             for row in rows:
-                got = _stream_select_model(row, k, threads, vec, capacity, topk=True)
+                got = _stream_select_model(row, k, threads, vec, capacity, True, ordered)
                 assert got == ref.topk_select(row[None], k)[1][0].tolist(), (kind, k)
-                value, index = _stream_select_model(row, k, threads, vec, capacity, topk=False)
+                value, index = _stream_select_model(row, k, threads, vec, capacity, False, ordered)
                 positive = row > 0
                 if positive.sum() <= k:
                     assert (value, index) == (0.0, -1)

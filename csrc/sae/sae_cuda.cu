@@ -1,8 +1,10 @@
 // CUDA kernels of the SAE ops.
 //
 // Routing is selection on order-preserving integer keys of the values, never a sort of the row:
+//   * column cutoff (feature choice, m <= kMaxColumnM): one block per 32 features, the same
+//     read-once candidate buffers per feature, read from the row-major matrix;
 //   * row select (one block a row): TopK's k best entries of each row, or feature choice's cutoff
-//     of each feature (run on the transposed pre-activations, positive entries only). The
+//     of each feature for larger m (on the transposed pre-activations, positive entries only). The
 //     read-once kernel streams the row once into a shared candidate buffer behind a running
 //     threshold (radix select inside shared memory when the buffer fills); the multi-pass radix
 //     select over the row (8 bits a pass) remains for ranks above kMaxTopK and rows of >= 2^31;
@@ -16,10 +18,11 @@
 // bf16/fp16, 4 in fp32, 8 in fp64):
 //   * TopK: 1 (read-once row select; then k gathered values a row, and the CSR is built from the
 //     (B, k) result without touching pre again).
-//   * feature choice: 4 reads + 1 write: the transposed copy (1 read, 1 write), the read-once
-//     cutoff over it (1 read), then count + ordered fill of the kept entries (2 reads). With
-//     m > kMaxTopK the cutoff falls back to the multi-pass select (count, radix passes, ordered
-//     scan: 4 reads of the transposed copy in bf16).
+//   * feature choice: 3: the read-once column cutoff straight from the row-major matrix (1), then
+//     count + ordered fill of the kept entries (2). m >= B reads nothing for the cutoff. With
+//     kMaxColumnM < m the cutoff takes a transposed copy (1 read, 1 write, a B x F temporary) and
+//     the read-once row kernel over it (1 read); above kMaxTopK the multi-pass row select (count,
+//     radix passes, ordered scan: 4 reads of the copy in bf16).
 //   * mutual choice: 5: 2 global histogram passes, 1 tie count (the tie locate scans one row),
 //     count + fill (2).
 //   * threshold: 2 (count + fill).
@@ -541,6 +544,146 @@ bool stream_select_fits(int64_t n, int64_t k) {
   return k <= kMaxTopK && n <= std::numeric_limits<int>::max();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Read-once column cutoff (feature choice, m <= kMaxColumnM): the same strict-threshold candidate
+// buffers as row_stream_select_kernel, one per column, read straight from the row-major matrix
+// (no transposed copy: 1 read instead of 1 read + 1 write + 1 read, and no B x F temporary).
+// A block owns kColumns adjacent features; lane = feature, warp w reads rows w, w + 8, ... of each
+// tile of kTileRows tokens (kColumns consecutive entries of a row a warp: whole sectors).
+// Candidates are appended in any order (shared atomics): ranks are counted with the full order
+// (value desc, token asc), so the buffer order does not matter. The threshold argument is the
+// row kernel's: tiles go in token order and the threshold only changes between tiles, so a later
+// token whose key equals the m-th best key held ranks below it and is rightly rejected.
+constexpr int kColumns = 32;
+constexpr int kTileRows = 32;  // 4 rows a warp in flight
+constexpr int kMaxColumnM = 32;
+constexpr int kColumnCapacity = kMaxColumnM + 2 * kTileRows;  // m + one tile after a compaction
+constexpr int kColumnStride = kColumnCapacity + 1;            // padding: appends of 32 lanes spread banks
+
+// Rank, in (key desc, index asc) order among keys/idx[0, n), of each of this lane's entries
+// i = lane, lane + 32, lane + 64 (n <= kColumnCapacity = 96). Called by a whole warp.
+template <typename Key>
+__device__ __forceinline__ void column_ranks(const Key* keys, const int* idx, int n, Key (&my_key)[3],
+                                            int (&my_idx)[3], int (&rank)[3]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+    const int i = lane + 32 * s;
+    my_key[s] = i < n ? keys[i] : Key(0);
+    my_idx[s] = i < n ? idx[i] : -1;
+    rank[s] = 0;
+  }
+  for (int j = 0; j < n; ++j) {
+    const Key kj = keys[j];
+    const int ij = idx[j];
+#pragma unroll
+    for (int s = 0; s < 3; ++s) rank[s] += kj > my_key[s] || (kj == my_key[s] && ij < my_idx[s]);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) column_stream_cutoff_kernel(
+    const scalar_t* __restrict__ pre, int64_t B, int64_t F, int64_t stride, int m, acc_t<scalar_t>* __restrict__ cut_v,
+    int64_t* __restrict__ cut_i) {
+  static_assert(kThreads == kColumns * 8 && kColumnCapacity <= 96, "layout of the column cutoff");
+  using acc = acc_t<scalar_t>;
+  using Key = key_t<scalar_t>;
+  __shared__ Key buf_key[kColumns * kColumnStride];
+  __shared__ int buf_idx[kColumns * kColumnStride];
+  __shared__ int count[kColumns];
+  __shared__ Key thr[kColumns];
+  __shared__ int have_thr[kColumns];
+  __shared__ unsigned long long positives[kColumns];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t f = static_cast<int64_t>(blockIdx.x) * kColumns + lane;
+  const bool column_ok = f < F;
+  if (threadIdx.x < kColumns) {
+    count[threadIdx.x] = 0;
+    have_thr[threadIdx.x] = 0;
+    thr[threadIdx.x] = 0;
+    positives[threadIdx.x] = 0;
+  }
+  __syncthreads();
+
+  // Keeps a column's m best at positions [0, m), best first (positions = ranks), and makes the
+  // m-th best key its threshold. Called by a whole warp.
+  auto compact = [&](int c) {
+    Key* keys = buf_key + c * kColumnStride;
+    int* idx = buf_idx + c * kColumnStride;
+    Key k3[3];
+    int i3[3], r3[3];
+    column_ranks(keys, idx, count[c], k3, i3, r3);
+    __syncwarp();  // every rank is counted before any entry moves
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      if (i3[s] >= 0 && r3[s] < m) {
+        keys[r3[s]] = k3[s];
+        idx[r3[s]] = i3[s];
+      }
+    }
+    __syncwarp();
+    if (lane == 0) {
+      count[c] = m;
+      thr[c] = keys[m - 1];
+      have_thr[c] = 1;
+    }
+    __syncwarp();
+  };
+
+  uint64_t my_positives = 0;
+  for (int64_t base = 0; base < B; base += kTileRows) {
+    for (int c = warp; c < kColumns; c += kWarps)  // warp-uniform: count[c] is read by all lanes
+      if (count[c] > kColumnCapacity - kTileRows) compact(c);
+    __syncthreads();
+    scalar_t v[kTileRows / kWarps];
+#pragma unroll
+    for (int u = 0; u < kTileRows / kWarps; ++u) {
+      const int64_t b = base + u * kWarps + warp;
+      v[u] = column_ok && b < B ? pre[b * stride + f] : static_cast<scalar_t>(0.0f);
+    }
+    const bool has_thr = have_thr[lane] != 0;
+    const Key t = thr[lane];
+#pragma unroll
+    for (int u = 0; u < kTileRows / kWarps; ++u) {
+      const int64_t b = base + u * kWarps + warp;
+      if (!(column_ok && b < B && static_cast<acc>(v[u]) > acc(0))) continue;
+      ++my_positives;
+      const Key key = ordered_key(v[u]);
+      if (has_thr && !(key > t)) continue;
+      const int pos = atomicAdd(&count[lane], 1);  // < kColumnCapacity: <= capacity - tile before it
+      buf_key[lane * kColumnStride + pos] = key;
+      buf_idx[lane * kColumnStride + pos] = static_cast<int>(b);
+    }
+    __syncthreads();
+  }
+  atomicAdd(&positives[lane], static_cast<unsigned long long>(my_positives));
+  __syncthreads();
+
+  for (int c = warp; c < kColumns; c += kWarps) {
+    const int64_t fc = static_cast<int64_t>(blockIdx.x) * kColumns + c;
+    if (fc >= F) continue;  // warp-uniform
+    if (positives[c] <= static_cast<unsigned long long>(m)) {  // every positive token is kept
+      if (lane == 0) {
+        cut_v[fc] = acc(0);
+        cut_i[fc] = -1;
+      }
+      continue;
+    }
+    // More than m positives: the buffer holds a superset of the m best, so count[c] >= m.
+    Key k3[3];
+    int i3[3], r3[3];
+    column_ranks(buf_key + c * kColumnStride, buf_idx + c * kColumnStride, count[c], k3, i3, r3);
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      if (i3[s] >= 0 && r3[s] == m - 1) {
+        cut_v[fc] = key_value<scalar_t>(k3[s]);
+        cut_i[fc] = i3[s];
+      }
+    }
+  }
+}
+
 void check_grid(int64_t blocks, const char* what) {
   FT_CHECK_VALUE(blocks < (int64_t(1) << 31), what, " must be < 2^31 on CUDA, got ", blocks);
 }
@@ -576,12 +719,24 @@ void column_cutoff_cuda(const at::Tensor& pre, int64_t m, const at::Tensor& valu
     index.fill_(-1);
     return;
   }
-  // Columns become rows: one transposed copy, then every feature's selection reads its tokens
-  // contiguously (coalesced) instead of one element per row.
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.get_device());
+  if (m <= kMaxColumnM && pre.size(0) <= std::numeric_limits<int>::max()) {  // the usual m = ceil(k·B/F)
+    const int64_t B = pre.size(0), F = pre.size(1);
+    const int64_t blocks = (F + kColumns - 1) / kColumns;
+    check_grid(blocks, "the number of feature groups");
+    FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_column_cutoff_cuda", [&] {
+      column_stream_cutoff_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          pre.const_data_ptr<scalar_t>(), B, F, pre.stride(0), static_cast<int>(m), value.data_ptr<acc_t<scalar_t>>(),
+          index.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  // Larger m: columns become rows (one transposed copy), then every feature's selection reads its
+  // tokens contiguously with the row kernels.
   const at::Tensor t = pre.t().contiguous();
   const int64_t F = t.size(0);
   check_grid(F, "the number of features");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.get_device());
   const bool read_once = stream_select_fits(t.size(1), m);
   FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_column_cutoff_cuda", [&] {
     if (read_once) {
