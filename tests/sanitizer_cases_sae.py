@@ -1,9 +1,11 @@
 """Small CUDA cases of the SAE kernels for compute-sanitizer (called by tests/sanitizer_cases.py).
 
-Every kernel path once: row top-k (bf16, fp32, fp64, k up to the 1024 limit, ties), the column
-cutoff on the transposed matrix, the global radix select (ties at the cutoff, budget above the
-positive count), the ordered CSR fill, gather decode, sampled dots and per-feature sums. Each case
-also checks its result against the float64 reference, so a path that runs clean but wrong fails.
+Every kernel path once: row top-k (bf16, fp32, fp64, k up to the 1024 limit, ties), the read-once
+row select's buffer compaction, scalar-load and NaN paths, the read-once column cutoff (m <= 32)
+and the row kernels on the transposed matrix (larger m), the global radix select (ties at the
+cutoff, budget above the positive count), the ordered CSR fill, gather decode, sampled dots and
+per-feature sums. Each case also checks its result against the float64 reference, so a path that
+runs clean but wrong fails.
 """
 from __future__ import annotations
 
@@ -38,6 +40,37 @@ def routing_cases(small: bool) -> None:
         _same_csr(sae.threshold_route(pre, 0.5), pre, "threshold", None, 0.5)
 
 
+def _same_topk(pre, k) -> None:
+    values, indices = sae.topk_route(pre, k, dense=True)
+    ref_values, ref_indices = ref.topk_select(pre, k)
+    assert torch.equal(indices, ref_indices), (pre.dtype, k)
+    torch.testing.assert_close(values, ref_values.relu(), rtol=0, atol=0, equal_nan=True)
+
+
+def read_once_cases(small: bool) -> None:
+    """The read-once row select's edge paths: buffer compaction on every tile (ascending rows),
+    one-value rows (all ties), k = 1 and k = 1024, a row shorter than a tile, misaligned row starts
+    (scalar loads), NaN; the feature-choice cutoff on long columns, and m = 1025 (the fallback)."""
+    dtypes = [torch.bfloat16] if small else [torch.bfloat16, torch.float32, torch.float64]
+    for dtype in dtypes:
+        F = 5003
+        ramp = torch.linspace(-3, 3, F, device="cuda", dtype=torch.float64)
+        rows = torch.stack([ramp, ramp.flip(0), torch.full_like(ramp, 0.5), (ramp * 3).round()])
+        rows = rows.to(dtype)
+        nan_rows = rows.clone()
+        nan_rows[0, ::3] = float("nan")
+        nan_rows[1, :] = float("nan")
+        for pre in (rows, nan_rows, rows[:, 1:], rows[:, 3:40]):
+            for k in sorted({1, min(pre.shape[1], 64), min(pre.shape[1], 1024)}):
+                _same_topk(pre, k)
+        cols = rows.t()
+        for m in (1, 4, 32, 33, 1024, 1025):
+            _same_csr(sae.feature_choice_route(cols, m), cols, "feature_choice", m)
+        wide = rows.repeat(10, 1)[:, :300].t()  # 40 features: two blocks of the column kernel
+        for m in (1, 32):
+            _same_csr(sae.feature_choice_route(wide, m), wide, "feature_choice", m)
+
+
 def decode_case(B: int, d: int, F: int, dtype: torch.dtype) -> None:
     pre = torch.randn(B, F, device="cuda", dtype=dtype)
     acts = sae.topk_route(pre, 8)
@@ -58,6 +91,7 @@ def decode_case(B: int, d: int, F: int, dtype: torch.dtype) -> None:
 
 def main(small: bool) -> None:
     routing_cases(small)
+    read_once_cases(small)
     decode_case(17, 48, 300, torch.float32)
     if not small:
         decode_case(64, 1000, 5000, torch.bfloat16)

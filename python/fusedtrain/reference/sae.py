@@ -15,8 +15,10 @@ ROUTINGS = ("topk", "feature_choice", "mutual_choice", "threshold")
 
 
 def _rank_order(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Indices along `dim` ordered by (value descending, index ascending); NaN last."""
-    key = torch.nan_to_num(values.double(), nan=-math.inf)
+    """Indices along `dim` ordered by (value descending, index ascending); NaN ranks as -inf (ties
+    with it by index, as in the kernels). Infinities are kept: nan_to_num's defaults would turn them
+    into the largest finite values and rank -inf above NaN."""
+    key = torch.nan_to_num(values.double(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return torch.sort(-key, dim=dim, stable=True).indices
 
 
