@@ -669,20 +669,34 @@ def test_module_errors():
         sae.SparseAutoencoder(8, 16, "topk", k=17)
 
 
-def test_sparsify_parity(device):
-    """Our TopK module reproduces sparsify's SparseCoder forward with the same weights."""
+def test_sparsify_parity(device, monkeypatch):
+    """Our TopK module reproduces sparsify's SparseCoder, forward and gradients, with the same weights."""
     try:
         import sparsify
+        import sparsify.sparse_coder
+        import sparsify.utils
     except ImportError as exc:  # not installed, or installed without its dependencies
         pytest.skip(f"sparsify unavailable: {exc}")
+    if device == "cpu":  # sparsify picks its Triton decoder whenever triton imports; Triton has no CPU driver
+        monkeypatch.setattr(sparsify.sparse_coder, "decoder_impl", sparsify.utils.eager_decode)
+    torch.manual_seed(0)
     cfg = sparsify.SparseCoderConfig(num_latents=64, k=4)
     coder = sparsify.SparseCoder(16, cfg, device=device, dtype=torch.float32)
+    with torch.no_grad():  # sparsify starts b_dec at zero: make it count
+        coder.b_dec.normal_()
     model = sae.SparseAutoencoder.from_sparsify_state_dict(coder.state_dict(), k=4)
     x = torch.randn(32, 16, device=device)
     theirs = coder(x)
     ours = model(x)
     torch.testing.assert_close(ours.sae_out, theirs.sae_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.fvu, theirs.fvu, rtol=1e-5, atol=1e-5)
+    theirs.fvu.backward()
+    ours.fvu.backward()
+    grads = {"W_dec": (model.W_dec.grad, coder.W_dec.grad), "b_dec": (model.b_dec.grad, coder.b_dec.grad),
+             "b_enc": (model.b_enc.grad, coder.encoder.bias.grad),
+             "W_enc": (model.W_enc.grad.t(), coder.encoder.weight.grad)}
+    for name, (a, b) in grads.items():
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.cuda
