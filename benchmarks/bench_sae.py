@@ -92,9 +92,13 @@ def _steps(routing, x, p, k):
 def _sparsify_step(x, p, k):
     """sparsify's SparseCoder (TopK) forward + backward with the same weights, or why not."""
     try:
+        import sparsify.sparse_coder
+        import sparsify.utils
         from sparsify import SparseCoder, SparseCoderConfig
     except Exception as exc:  # noqa: BLE001 - missing or broken install: a note, not a failure
         return f"sparsify unavailable ({type(exc).__name__}: {str(exc)[:80]})"
+    if x.device.type == "cpu":  # sparsify takes its Triton decoder whenever triton imports: no CPU driver
+        sparsify.sparse_coder.decoder_impl = sparsify.utils.eager_decode
     d, F = p["W_enc"].shape
     coder = SparseCoder(d, SparseCoderConfig(num_latents=F, k=k), device=x.device, dtype=x.dtype)
     with torch.no_grad():
