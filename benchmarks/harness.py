@@ -8,12 +8,13 @@ counted): `max_memory_allocated` minus `memory_allocated` on CUDA. On the CPU a 
 resident set size (/proc/self/statm) every 0.5 ms during one call and reports the peak minus the
 size before it. RSS is the only measure that sees every allocator (torch's, MKL's, OpenMP's) and,
 unlike `getrusage().ru_maxrss`, it goes down again, so one process can measure many calls. Limits:
-spikes shorter than 0.5 ms can be missed, and memory the C allocator keeps after a free (small
-blocks, below glibc's mmap threshold of at most 32 MiB) is not seen again when it is reused; the
-large buffers these benchmarks care about are mmapped and returned on free.
+spikes shorter than 0.5 ms can be missed. Memory the C allocator keeps after a free (blocks below
+glibc's dynamic mmap threshold, up to 32 MiB) would not show when reused, so the heap's free pages
+are handed back (`malloc_trim`) before the measured call.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -55,9 +56,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), so a call that reuses
+    memory freed by an earlier one (blocks under glibc's dynamic mmap threshold, up to 32 MiB: e.g.
+    tiles) touches fresh pages and shows in the RSS; without it such a call reads as ~0 MiB."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
     if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap RSS reading
         return float("nan")
+    _release_free_heap()
     base = _rss_bytes()
     peak = base
     done = threading.Event()
