@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 
 import pytest
@@ -47,3 +48,14 @@ def kernels_built(device: str) -> bool:
 def needs_kernels(device):
     if not kernels_built(device):
         pytest.skip(f"no compiled {device} kernel for spherical_loss in this build")
+
+
+def cpu_peak_extra_mib(fn) -> float:
+    """Peak resident-set growth of the process during fn(), in MiB: the benchmark harness's
+    measurement (benchmarks/harness.py), so tests and benchmarks report the same quantity."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from benchmarks import harness
+    finally:
+        sys.path.pop(0)
+    return harness._cpu_peak_extra_mib(fn)

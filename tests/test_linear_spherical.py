@@ -10,8 +10,6 @@ torch.compile, layouts, errors, SphericalHead's cached statistics, linear_topk. 
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from fusedtrain import linear_spherical as ls
 from fusedtrain.reference.linear_spherical import linear_spherical_loss as reference
 from fusedtrain.reference.linear_spherical import linear_topk as reference_topk
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, cpu_peak_extra_mib
 
 KINDS = ["z", "spherical", "taylor", "mse"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -197,32 +195,6 @@ def test_large_common_offset_float32(device, kind, offset):
     check_against_reference(*f32, t, kind, "mean", 2e-5)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_extra_rss(fn) -> int:
-    """Peak resident-set growth during fn(), sampled every 0.5 ms by a thread."""
-    base = peak = _rss_bytes()
-    done = threading.Event()
-
-    def poll():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_bytes())
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak, _rss_bytes()) - base
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the RSS")
 def test_memory_never_proportional_to_logits_cpu():
     """N = 8192, d = 64, D = 262144 float32: the logits alone would take 8 GiB; forward + backward
@@ -237,7 +209,7 @@ def test_memory_never_proportional_to_logits_cpu():
         loss.backward()
         assert torch.isfinite(loss)
 
-    extra = _peak_extra_rss(step)
+    extra = cpu_peak_extra_mib(step) * 2**20
     assert w.grad is not None and w.grad.shape == (D, d)
     assert extra < 2**30, f"peak extra RSS {extra / 2**20:.0f} MiB"
 

@@ -20,6 +20,8 @@ import fusedtrain
 from fusedtrain import mining as fm
 from fusedtrain.reference import mining as ref
 
+from conftest import cpu_peak_extra_mib
+
 try:
     import pytorch_metric_learning
     from pytorch_metric_learning import losses as pml_losses
@@ -421,13 +423,6 @@ def test_selftest_mining(device):
 # ---------------------------------------------------------------------------------------------
 # Scale: memory bound and a large in-batch run (in-process RSS measurement, see benchmarks/harness.py)
 
-def _peak_extra_mib(fn):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        from benchmarks import harness
-    finally:
-        sys.path.pop(0)
-    return harness._cpu_peak_extra_mib(fn)
 
 
 @pytest.mark.slow
@@ -445,7 +440,7 @@ def test_memory_bound_against_large_reference_set(needs_kernels_cpu):
         fm.multi_similarity_loss(x, labels, r, rl).backward()
 
     step()  # warm up (thread pools, MKL buffers)
-    extra = _peak_extra_mib(step)
+    extra = cpu_peak_extra_mib(step)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert extra < 256, f"{extra:.1f} MiB extra"
     # A trainable reference set: its gradient (32 MiB) and normalized copy on top, still bounded.
@@ -455,7 +450,7 @@ def test_memory_bound_against_large_reference_set(needs_kernels_cpu):
         x.grad = r.grad = None
         fm.multi_similarity_loss(x, labels, r, rl).backward()
 
-    extra = _peak_extra_mib(step_with_ref_grad)
+    extra = cpu_peak_extra_mib(step_with_ref_grad)
     assert torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
     assert extra < 256, f"{extra:.1f} MiB extra with ref_emb.requires_grad"
 
