@@ -8,7 +8,6 @@ CrossBatchMemory across wrap-around. Every test runs on "cpu" and (marked `cuda`
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import textwrap
 
