@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -33,6 +35,11 @@ struct TopSelector {
     int64_t index;
   };
   static bool better(const Entry& a, const Entry& b) { return ranks_before(a.key, a.index, b.key, b.index); }
+  // `better` as a function object: std algorithms inline it (a function pointer is called per
+  // comparison, which made the shrinks cost as much as the whole row scan).
+  struct Better {
+    bool operator()(const Entry& a, const Entry& b) const { return better(a, b); }
+  };
 
   std::vector<Entry> buf;
   int64_t k = 0;
@@ -52,7 +59,7 @@ struct TopSelector {
     if (static_cast<int64_t>(buf.size()) >= 2 * k) shrink();
   }
   void shrink() {
-    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), better);
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), Better());
     buf.resize(k);
     truncated = true;
     threshold = buf[k - 1].key;  // nth_element put the k-th best there, the better ones before it
@@ -60,48 +67,152 @@ struct TopSelector {
   // The k best, best first (fewer when fewer were pushed).
   void finish_sorted() {
     if (static_cast<int64_t>(buf.size()) > k) shrink();
-    std::sort(buf.begin(), buf.end(), better);
+    std::sort(buf.begin(), buf.end(), Better());
   }
 };
 
+// `kScanVecs` 32-byte vectors of keys are tested against the running threshold at once: for
+// random rows almost every block holds nothing above it after the first few hundred entries, so
+// the scan costs a few vector compares per 32 fp32 entries and only the rare passing block walks
+// its entries through the exact (scalar) insert path.
+constexpr int kScanVecs = 4;
+
+// `vec_width<acc>` entries converted to acc. bf16 widens by a shift (exact, NaN kept), which the
+// compiler vectorizes where the generic element-wise conversion would not.
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE cpu::vec_t<acc> load_keys(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    typedef uint16_t u16x8 __attribute__((vector_size(16)));
+    typedef uint32_t u32x8 __attribute__((vector_size(32)));
+    u16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+    cpu::vec_t<float> v;
+    std::memcpy(&v, &w, sizeof(v));
+    return v;
+  } else {
+    return cpu::load_vec<acc>(p);
+  }
+}
+
+template <typename acc>
+FT_ALWAYS_INLINE cpu::vec_t<acc> broadcast(acc t) {
+  cpu::vec_t<acc> v;
+  for (int j = 0; j < cpu::vec_width<acc>; ++j) v[j] = t;
+  return v;
+}
+
+// Whether any of the kScanVecs·vec_width entries at p is > t (NaN never is, as in `wants`).
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE bool any_above(const scalar_t* p, acc t) {
+  constexpr int W = cpu::vec_width<acc>;
+  const cpu::vec_t<acc> tv = broadcast(t);
+  auto m = load_keys<acc>(p) > tv;
+  for (int i = 1; i < kScanVecs; ++i) m |= load_keys<acc>(p + i * W) > tv;
+  uint64_t lanes[4];
+  static_assert(sizeof(m) == sizeof(lanes), "32-byte mask");
+  std::memcpy(lanes, &m, sizeof(lanes));
+  return ((lanes[0] | lanes[1]) | (lanes[2] | lanes[3])) != 0;
+}
+
+// Bit j set iff entry j of the kScanVecs·vec_width (<= 32) entries at p is > t.
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE uint32_t bits_above(const scalar_t* p, acc t) {
+  constexpr int W = cpu::vec_width<acc>;
+  const cpu::vec_t<acc> tv = broadcast(t);
+  uint32_t bits = 0;
+  for (int i = 0; i < kScanVecs; ++i) {
+    const auto m = load_keys<acc>(p + i * W) > tv;
+    for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << (i * W + j);
+  }
+  return bits;
+}
+
+// Bit j set iff entry j of the 2·vec_width entries at p is > t[j] (per-lane thresholds).
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE uint32_t above_bits(const scalar_t* p, const acc* t) {
+  constexpr int W = cpu::vec_width<acc>;
+  const auto m0 = load_keys<acc>(p) > cpu::load_vec<acc>(t);
+  const auto m1 = load_keys<acc>(p + W) > cpu::load_vec<acc>(t + W);
+  uint32_t bits = 0;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m0[j] & 1) << j;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m1[j] & 1) << (W + j);
+  return bits;
+}
+
+// The k best entries of one row into `sel`, in increasing feature order so an equal key with a
+// larger index never displaces a kept one. Blocks are skipped only once the buffer holds k
+// entries: until then every entry is wanted.
+template <typename scalar_t, typename acc>
+FT_ALWAYS_INLINE void scan_row(const scalar_t* row, int64_t F, TopSelector<acc>& sel) {
+  constexpr int64_t kBlock = kScanVecs * cpu::vec_width<acc>;
+  int64_t f = 0;
+  for (; f + kBlock <= F; f += kBlock) {
+    if (static_cast<int64_t>(sel.buf.size()) >= sel.k) {
+      if (!any_above<acc>(row + f, sel.threshold)) continue;
+      // Visit only the lanes above the block's starting threshold, in index order; a push may
+      // raise the threshold, so each is tested again (no NaN among them: NaN is never above).
+      for (uint32_t bits = bits_above<acc>(row + f, sel.threshold); bits != 0; bits &= bits - 1) {
+        const int64_t j = f + __builtin_ctz(bits);
+        const acc v = static_cast<acc>(row[j]);
+        if (sel.wants(v)) sel.push(v, j);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const acc v = rank_key(static_cast<acc>(row[f + j]));
+      if (sel.wants(v)) sel.push(v, f + j);
+    }
+  }
+  for (; f < F; ++f) {
+    const acc v = rank_key(static_cast<acc>(row[f]));
+    if (sel.wants(v)) sel.push(v, f);
+  }
+}
+
+template <typename scalar_t>
+FT_ALWAYS_INLINE void topk_rows(const scalar_t* p, int64_t F, int64_t stride, int64_t k, scalar_t* out_v,
+                                int64_t* out_i, int64_t begin, int64_t end) {
+  TopSelector<acc_t<scalar_t>> sel;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* row = p + b * stride;
+    sel.reset(k);
+    scan_row(row, F, sel);
+    sel.finish_sorted();
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t idx = sel.buf[j].index;
+      out_i[b * k + j] = idx;
+      out_v[b * k + j] = row[idx];
+    }
+  }
+}
+
+template <typename scalar_t>
+void topk_rows_base(const scalar_t* p, int64_t F, int64_t stride, int64_t k, scalar_t* out_v, int64_t* out_i,
+                    int64_t begin, int64_t end) {
+  topk_rows(p, F, stride, k, out_v, out_i, begin, end);
+}
+
+#if FT_HAVE_AVX2_PATH
+template <typename scalar_t>
+FT_TARGET_AVX2 void topk_rows_avx2(const scalar_t* p, int64_t F, int64_t stride, int64_t k, scalar_t* out_v,
+                                   int64_t* out_i, int64_t begin, int64_t end) {
+  topk_rows(p, F, stride, k, out_v, out_i, begin, end);
+}
+#endif
+
 template <typename scalar_t>
 void topk_cpu_impl(const at::Tensor& pre, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
-  using acc = acc_t<scalar_t>;
   const int64_t B = pre.size(0), F = pre.size(1), stride = pre.stride(0);
   const scalar_t* p = pre.const_data_ptr<scalar_t>();
   scalar_t* out_v = values.data_ptr<scalar_t>();
   int64_t* out_i = indices.data_ptr<int64_t>();
-  constexpr int64_t kChunk = 16;
+  const bool avx2 = cpu::cpu_has_avx2();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    TopSelector<acc> sel;
-    for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* row = p + b * stride;
-      sel.reset(k);
-      int64_t f = 0;
-      // Whole chunks whose maximum does not beat the threshold are skipped with one comparison.
-      for (; f + kChunk <= F; f += kChunk) {
-        acc mx = -std::numeric_limits<acc>::infinity();
-        for (int64_t j = 0; j < kChunk; ++j) {
-          const acc v = static_cast<acc>(row[f + j]);
-          mx = v > mx ? v : mx;
-        }
-        if (!(mx > sel.threshold) && static_cast<int64_t>(sel.buf.size()) >= k) continue;
-        for (int64_t j = 0; j < kChunk; ++j) {
-          const acc v = rank_key(static_cast<acc>(row[f + j]));
-          if (sel.wants(v)) sel.push(v, f + j);
-        }
-      }
-      for (; f < F; ++f) {
-        const acc v = rank_key(static_cast<acc>(row[f]));
-        if (sel.wants(v)) sel.push(v, f);
-      }
-      sel.finish_sorted();
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t idx = sel.buf[j].index;
-        out_i[b * k + j] = idx;
-        out_v[b * k + j] = row[idx];
-      }
-    }
+#if FT_HAVE_AVX2_PATH
+    if (avx2) return topk_rows_avx2(p, F, stride, k, out_v, out_i, begin, end);
+#endif
+    topk_rows_base(p, F, stride, k, out_v, out_i, begin, end);
   });
 }
 
@@ -109,8 +220,67 @@ void topk_cpu(const at::Tensor& pre, int64_t k, const at::Tensor& values, const 
   FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_topk_cpu", [&] { topk_cpu_impl<scalar_t>(pre, k, values, indices); });
 }
 
-// Feature choice: blocks of 16 adjacent features read row by row (whole cache lines), one
+// Feature choice: blocks of kBlock adjacent features read row by row (whole cache lines), one
 // selector per feature of the block.
+template <typename scalar_t, int64_t kBlock>
+FT_ALWAYS_INLINE void column_blocks(const scalar_t* p, int64_t B, int64_t F, int64_t stride, int64_t m,
+                                    acc_t<scalar_t>* out_v, int64_t* out_i, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t G = 2 * cpu::vec_width<acc>;
+  std::vector<TopSelector<acc>> sel(kBlock);
+  acc thr[kBlock];
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t f0 = blk * kBlock, width = std::min(kBlock, F - f0);
+    for (int64_t c = 0; c < width; ++c) {
+      sel[c].reset(std::min(m, B));
+      thr[c] = acc(0);  // only positive entries compete
+    }
+    auto visit = [&](int64_t c, acc v, int64_t b) {
+      sel[c].push(v, b);
+      thr[c] = std::max(sel[c].threshold, acc(0));
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* row = p + b * stride + f0;
+      int64_t c0 = 0;
+      for (; c0 + G <= width; c0 += G) {
+        for (uint32_t bits = above_bits<acc>(row + c0, thr + c0); bits != 0; bits &= bits - 1) {
+          const int64_t c = c0 + __builtin_ctz(bits);
+          visit(c, static_cast<acc>(row[c]), b);
+        }
+      }
+      for (int64_t c = c0; c < width; ++c) {
+        const acc v = static_cast<acc>(row[c]);
+        if (v > thr[c]) visit(c, v, b);
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      TopSelector<acc>& s = sel[c];
+      if (!s.truncated && static_cast<int64_t>(s.buf.size()) <= m) {  // every positive entry is kept
+        out_v[f0 + c] = acc(0);
+        out_i[f0 + c] = -1;
+        continue;
+      }
+      s.shrink();  // buf[m - 1] is now the m-th best: the cutoff
+      out_v[f0 + c] = s.buf[m - 1].key;
+      out_i[f0 + c] = s.buf[m - 1].index;
+    }
+  }
+}
+
+template <typename scalar_t, int64_t kBlock>
+void column_blocks_base(const scalar_t* p, int64_t B, int64_t F, int64_t stride, int64_t m,
+                        acc_t<scalar_t>* out_v, int64_t* out_i, int64_t begin, int64_t end) {
+  column_blocks<scalar_t, kBlock>(p, B, F, stride, m, out_v, out_i, begin, end);
+}
+
+#if FT_HAVE_AVX2_PATH
+template <typename scalar_t, int64_t kBlock>
+FT_TARGET_AVX2 void column_blocks_avx2(const scalar_t* p, int64_t B, int64_t F, int64_t stride, int64_t m,
+                                       acc_t<scalar_t>* out_v, int64_t* out_i, int64_t begin, int64_t end) {
+  column_blocks<scalar_t, kBlock>(p, B, F, stride, m, out_v, out_i, begin, end);
+}
+#endif
+
 template <typename scalar_t>
 void column_cutoff_impl(const at::Tensor& pre, int64_t m, const at::Tensor& cut_value, const at::Tensor& cut_index) {
   using acc = acc_t<scalar_t>;
@@ -124,48 +294,18 @@ void column_cutoff_impl(const at::Tensor& pre, int64_t m, const at::Tensor& cut_
     return;
   }
   // 256 adjacent features a block: 1 KiB of each fp32 row, so rows stream through the
-  // prefetchers instead of touching one cache line per 64 KiB. A positive entry passes a
-  // selector's filter iff it beats its threshold (-inf until the buffer first fills), kept here
-  // in a flat array so the common case is one vectorizable comparison per entry.
+  // prefetchers instead of touching one cache line per 64 KiB. An entry passes a selector's
+  // filter iff it beats max(its threshold, 0) (0 until the buffer first fills), kept here
+  // in a flat array so the common case is one vector comparison per 8 entries; the lanes that pass
+  // come out as a bit mask, so only they are visited (no unpredictable branch per entry).
   constexpr int64_t kBlock = 256;
   const int64_t blocks = (F + kBlock - 1) / kBlock;
+  const bool avx2 = cpu::cpu_has_avx2();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<TopSelector<acc>> sel(kBlock);
-    acc thr[kBlock];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t f0 = blk * kBlock, width = std::min(kBlock, F - f0);
-      for (int64_t c = 0; c < width; ++c) {
-        sel[c].reset(std::min(m, B));
-        thr[c] = acc(0);  // only positive entries compete
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* row = p + b * stride + f0;
-        for (int64_t c0 = 0; c0 < width; c0 += 16) {
-          const int64_t c1 = std::min(width, c0 + 16);
-          bool any = false;
-          for (int64_t c = c0; c < c1; ++c) any |= static_cast<acc>(row[c]) > thr[c];
-          if (!any) continue;
-          for (int64_t c = c0; c < c1; ++c) {
-            const acc v = static_cast<acc>(row[c]);
-            if (v > thr[c]) {
-              sel[c].push(v, b);
-              thr[c] = std::max(sel[c].threshold, acc(0));
-            }
-          }
-        }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        TopSelector<acc>& s = sel[c];
-        if (!s.truncated && static_cast<int64_t>(s.buf.size()) <= m) {  // every positive entry is kept
-          out_v[f0 + c] = acc(0);
-          out_i[f0 + c] = -1;
-          continue;
-        }
-        s.shrink();  // buf[m - 1] is now the m-th best: the cutoff
-        out_v[f0 + c] = s.buf[m - 1].key;
-        out_i[f0 + c] = s.buf[m - 1].index;
-      }
-    }
+#if FT_HAVE_AVX2_PATH
+    if (avx2) return column_blocks_avx2<scalar_t, kBlock>(p, B, F, stride, m, out_v, out_i, begin, end);
+#endif
+    column_blocks_base<scalar_t, kBlock>(p, B, F, stride, m, out_v, out_i, begin, end);
   });
 }
 
@@ -232,7 +372,7 @@ void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor&
   });
   FT_CHECK(static_cast<int64_t>(candidates.size()) >= need, "mutual choice: radix select lost entries");
   std::nth_element(candidates.begin(), candidates.begin() + (need - 1), candidates.end(),
-                   TopSelector<acc>::better);
+                   typename TopSelector<acc>::Better());
   out_v[0] = candidates[need - 1].key;
   out_i[0] = candidates[need - 1].index;
 }
