@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cstring>
 #include <type_traits>
 #include <limits>
@@ -115,17 +116,33 @@ FT_ALWAYS_INLINE bool any_above(const scalar_t* p, acc t) {
   return ((lanes[0] | lanes[1]) | (lanes[2] | lanes[3])) != 0;
 }
 
-// Bit j set iff entry j of the kScanVecs·vec_width (<= 32) entries at p is > t.
-template <typename acc, typename scalar_t>
+// Bit j set iff entry j of the kScanVecs·vec_width (<= 32) entries at p is > t (>= t when
+// kInclusive). NaN never sets a bit.
+template <bool kInclusive = false, typename acc, typename scalar_t>
 FT_ALWAYS_INLINE uint32_t bits_above(const scalar_t* p, acc t) {
   constexpr int W = cpu::vec_width<acc>;
   const cpu::vec_t<acc> tv = broadcast(t);
   uint32_t bits = 0;
   for (int i = 0; i < kScanVecs; ++i) {
-    const auto m = load_keys<acc>(p + i * W) > tv;
+    const cpu::vec_t<acc> v = load_keys<acc>(p + i * W);
+    const auto m = kInclusive ? v >= tv : v > tv;
     for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << (i * W + j);
   }
   return bits;
+}
+
+// The largest of the kScanVecs·vec_width entries at p, NaN ignored (-inf when all are NaN).
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE acc block_max(const scalar_t* p) {
+  constexpr int W = cpu::vec_width<acc>;
+  cpu::vec_t<acc> mx = broadcast(-std::numeric_limits<acc>::infinity());
+  for (int i = 0; i < kScanVecs; ++i) {
+    const cpu::vec_t<acc> v = load_keys<acc>(p + i * W);
+    mx = v > mx ? v : mx;
+  }
+  acc r = mx[0];
+  for (int j = 1; j < W; ++j) r = mx[j] > r ? mx[j] : r;
+  return r;
 }
 
 // Bit j set iff entry j of the 2·vec_width entries at p is > t[j] (per-lane thresholds).
@@ -152,7 +169,7 @@ FT_ALWAYS_INLINE void scan_row(const scalar_t* row, int64_t F, TopSelector<acc>&
       if (!any_above<acc>(row + f, sel.threshold)) continue;
       // Visit only the lanes above the block's starting threshold, in index order; a push may
       // raise the threshold, so each is tested again (no NaN among them: NaN is never above).
-      for (uint32_t bits = bits_above<acc>(row + f, sel.threshold); bits != 0; bits &= bits - 1) {
+      for (uint32_t bits = bits_above<false, acc>(row + f, sel.threshold); bits != 0; bits &= bits - 1) {
         const int64_t j = f + __builtin_ctz(bits);
         const acc v = static_cast<acc>(row[j]);
         if (sel.wants(v)) sel.push(v, j);
@@ -170,15 +187,60 @@ FT_ALWAYS_INLINE void scan_row(const scalar_t* row, int64_t F, TopSelector<acc>&
   }
 }
 
+// Below this k the streaming scan rarely leaves its vector test and one pass is cheaper.
+constexpr int64_t kTwoPassMinK = 16;
+
+// Two passes over a row (the second from cache): the block maxima are k distinct entries when
+// there are at least k blocks, so their k-th largest t0 is a lower bound of the row's k-th best
+// key and every entry of the top k is >= t0. Pass 2 collects the entries >= t0 (of the blocks
+// whose maximum reaches it: about k of them on random data) and selects the k best exactly.
+// Returns false, leaving the row to the streaming scan, when there are fewer than k blocks,
+// t0 is -inf (NaN or -inf rows) or ties make the candidates many.
+template <typename scalar_t, typename acc>
+FT_ALWAYS_INLINE bool select_row_by_block_max(const scalar_t* row, int64_t F, int64_t k, std::vector<acc>& maxima,
+                                              std::vector<acc>& scratch, TopSelector<acc>& sel) {
+  constexpr int64_t kBlock = kScanVecs * cpu::vec_width<acc>;
+  const int64_t nb = F / kBlock;
+  if (k < kTwoPassMinK || nb < k) return false;
+  maxima.resize(nb);
+  for (int64_t i = 0; i < nb; ++i) maxima[i] = block_max<acc>(row + i * kBlock);
+  scratch.assign(maxima.begin(), maxima.end());
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<acc>());
+  const acc t0 = scratch[k - 1];
+  if (!(t0 > -std::numeric_limits<acc>::infinity())) return false;
+  sel.reset(k);
+  auto& cand = sel.buf;
+  const size_t cap = static_cast<size_t>(4 * k + 256);
+  for (int64_t i = 0; i < nb; ++i) {
+    if (!(maxima[i] >= t0)) continue;
+    for (uint32_t bits = bits_above<true>(row + i * kBlock, t0); bits != 0; bits &= bits - 1) {
+      const int64_t j = i * kBlock + __builtin_ctz(bits);
+      cand.push_back({static_cast<acc>(row[j]), j});
+    }
+    if (cand.size() > cap) return false;
+  }
+  for (int64_t f = nb * kBlock; f < F; ++f) {
+    const acc v = static_cast<acc>(row[f]);
+    if (v >= t0) cand.push_back({v, f});
+  }
+  if (static_cast<int64_t>(cand.size()) < k) return false;  // cannot happen: the k maxima are in
+  sel.finish_sorted();
+  return true;
+}
+
 template <typename scalar_t>
 FT_ALWAYS_INLINE void topk_rows(const scalar_t* p, int64_t F, int64_t stride, int64_t k, scalar_t* out_v,
                                 int64_t* out_i, int64_t begin, int64_t end) {
-  TopSelector<acc_t<scalar_t>> sel;
+  using acc = acc_t<scalar_t>;
+  TopSelector<acc> sel;
+  std::vector<acc> maxima, scratch;
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* row = p + b * stride;
-    sel.reset(k);
-    scan_row(row, F, sel);
-    sel.finish_sorted();
+    if (!select_row_by_block_max(row, F, k, maxima, scratch, sel)) {
+      sel.reset(k);
+      scan_row(row, F, sel);
+      sel.finish_sorted();
+    }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t idx = sel.buf[j].index;
       out_i[b * k + j] = idx;
