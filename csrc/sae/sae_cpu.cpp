@@ -444,9 +444,21 @@ void global_cutoff_cpu(const at::Tensor& pre, int64_t budget, const at::Tensor& 
                                [&] { global_cutoff_impl<scalar_t>(pre, budget, value, index); });
 }
 
+// Bit j set iff entry j of the 2·vec_width entries at p is >= t[j] (NaN never is).
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE uint32_t at_least_bits(const scalar_t* p, const acc* t) {
+  constexpr int W = cpu::vec_width<acc>;
+  const auto m0 = load_keys<acc>(p) >= cpu::load_vec<acc>(t);
+  const auto m1 = load_keys<acc>(p + W) >= cpu::load_vec<acc>(t + W);
+  uint32_t bits = 0;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m0[j] & 1) << j;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m1[j] & 1) << (W + j);
+  return bits;
+}
+
 // The cutoff predicate `kept` (sae_math.h), rearranged for speed: with tp = max(T, 0),
-// kept(v) = v > tp, or v == tp > 0 with a tie index <= L. Chunks of 16 entries are tested with
-// branch-free comparisons (vectorized); only chunks holding a kept or tied entry are walked.
+// kept(v) = v > tp, or v == tp > 0 with a tie index <= L. Chunks of 2 vectors are tested with
+// vector comparisons; only the entries at or above their tp are visited (bit mask).
 template <typename scalar_t>
 struct KeptScan {
   using acc = acc_t<scalar_t>;
@@ -477,14 +489,13 @@ struct KeptScan {
   FT_ALWAYS_INLINE void row(int64_t b, Fn&& fn) const {
     const scalar_t* r = p + b * stride;
     const acc* t = tp.data();
+    constexpr int64_t G = 2 * cpu::vec_width<acc>;
     int64_t f = 0;
-    for (; f + 16 <= F; f += 16) {
-      bool any = false;
-      for (int j = 0; j < 16; ++j) any |= static_cast<acc>(r[f + j]) >= t[f + j];
-      if (!any) continue;
-      for (int j = 0; j < 16; ++j) {
-        const acc v = static_cast<acc>(r[f + j]);
-        if (kept_at(b, f + j, v)) fn(f + j, r[f + j]);
+    for (; f + G <= F; f += G) {
+      // Only entries >= their tp can be kept; they come out as a bit mask, in feature order.
+      for (uint32_t bits = at_least_bits<acc>(r + f, t + f); bits != 0; bits &= bits - 1) {
+        const int64_t c = f + __builtin_ctz(bits);
+        if (kept_at(b, c, static_cast<acc>(r[c]))) fn(c, r[c]);
       }
     }
     for (; f < F; ++f) {
@@ -494,16 +505,61 @@ struct KeptScan {
   }
 };
 
+template <typename scalar_t>
+FT_ALWAYS_INLINE void count_rows(const KeptScan<scalar_t>& scan, int64_t* out, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t n = 0;
+    scan.row(b, [&](int64_t, scalar_t) { ++n; });
+    out[b] = n;
+  }
+}
+
+template <typename scalar_t>
+FT_ALWAYS_INLINE void fill_rows(const KeptScan<scalar_t>& scan, const int64_t* rp, int64_t* feat, scalar_t* val,
+                                int64_t nnz, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t pos = rp[b];
+    scan.row(b, [&](int64_t f, scalar_t v) {
+      if (pos < nnz) {  // the count pass sized the output; never write past it
+        feat[pos] = f;
+        val[pos] = v;
+      }
+      ++pos;
+    });
+  }
+}
+
+template <typename scalar_t>
+void count_rows_base(const KeptScan<scalar_t>& scan, int64_t* out, int64_t begin, int64_t end) {
+  count_rows(scan, out, begin, end);
+}
+template <typename scalar_t>
+void fill_rows_base(const KeptScan<scalar_t>& scan, const int64_t* rp, int64_t* feat, scalar_t* val, int64_t nnz,
+                    int64_t begin, int64_t end) {
+  fill_rows(scan, rp, feat, val, nnz, begin, end);
+}
+#if FT_HAVE_AVX2_PATH
+template <typename scalar_t>
+FT_TARGET_AVX2 void count_rows_avx2(const KeptScan<scalar_t>& scan, int64_t* out, int64_t begin, int64_t end) {
+  count_rows(scan, out, begin, end);
+}
+template <typename scalar_t>
+FT_TARGET_AVX2 void fill_rows_avx2(const KeptScan<scalar_t>& scan, const int64_t* rp, int64_t* feat, scalar_t* val,
+                                   int64_t nnz, int64_t begin, int64_t end) {
+  fill_rows(scan, rp, feat, val, nnz, begin, end);
+}
+#endif
+
 void count_kept_cpu(const Cutoffs& c, const at::Tensor& counts) {
   int64_t* out = counts.data_ptr<int64_t>();
+  const bool avx2 = cpu::cpu_has_avx2();
   FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_count_kept_cpu", [&] {
     const KeptScan<scalar_t> scan(c);
     at::parallel_for(0, c.pre.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        int64_t n = 0;
-        scan.row(b, [&](int64_t, scalar_t) { ++n; });
-        out[b] = n;
-      }
+#if FT_HAVE_AVX2_PATH
+      if (avx2) return count_rows_avx2(scan, out, begin, end);
+#endif
+      count_rows_base(scan, out, begin, end);
     });
   });
 }
@@ -512,20 +568,15 @@ void fill_kept_cpu(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tensor
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   int64_t* feat = feature.data_ptr<int64_t>();
   const int64_t nnz = feature.numel();
+  const bool avx2 = cpu::cpu_has_avx2();
   FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_fill_kept_cpu", [&] {
     scalar_t* val = value.data_ptr<scalar_t>();
     const KeptScan<scalar_t> scan(c);
     at::parallel_for(0, c.pre.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        int64_t pos = rp[b];
-        scan.row(b, [&](int64_t f, scalar_t v) {
-          if (pos < nnz) {  // the count pass sized the output; never write past it
-            feat[pos] = f;
-            val[pos] = v;
-          }
-          ++pos;
-        });
-      }
+#if FT_HAVE_AVX2_PATH
+      if (avx2) return fill_rows_avx2(scan, rp, feat, val, nnz, begin, end);
+#endif
+      fill_rows_base(scan, rp, feat, val, nnz, begin, end);
     });
   });
 }
