@@ -282,6 +282,8 @@ void topk_cpu(const at::Tensor& pre, int64_t k, const at::Tensor& values, const 
   FUSEDTRAIN_DISPATCH_FLOATING(pre.scalar_type(), "sae_topk_cpu", [&] { topk_cpu_impl<scalar_t>(pre, k, values, indices); });
 }
 
+constexpr int64_t kPrefetchRows = 4;
+
 // Feature choice: blocks of kBlock adjacent features read row by row (whole cache lines), one
 // selector per feature of the block.
 template <typename scalar_t, int64_t kBlock>
@@ -303,6 +305,13 @@ FT_ALWAYS_INLINE void column_blocks(const scalar_t* p, int64_t B, int64_t F, int
     };
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* row = p + b * stride + f0;
+      // Rows are `stride` apart (a new page each), where the hardware prefetchers stop: the
+      // block's slice of the row kPrefetchRows ahead is requested now, a cache line at a time.
+      if (b + kPrefetchRows < B) {
+        const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * stride);
+        for (int64_t byte = 0; byte < width * static_cast<int64_t>(sizeof(scalar_t)); byte += 64)
+          __builtin_prefetch(ahead + byte, 0, 3);
+      }
       int64_t c0 = 0;
       for (; c0 + G <= width; c0 += G) {
         for (uint32_t bits = above_bits<acc>(row + c0, thr + c0); bits != 0; bits &= bits - 1) {
