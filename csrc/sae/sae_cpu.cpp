@@ -385,6 +385,22 @@ void column_cutoff_cpu(const at::Tensor& pre, int64_t m, const at::Tensor& value
                                [&] { column_cutoff_impl<scalar_t>(pre, m, value, index); });
 }
 
+// Bit j set iff entry j of the vec_width entries at p is > 0 with radix_bucket == bucket: the
+// top 16 bits of the acc value, compared as integers (vector form of the scalar test below).
+template <typename acc, typename scalar_t>
+FT_ALWAYS_INLINE uint32_t in_bucket_bits(const scalar_t* p, uint32_t bucket) {
+  using U = std::conditional_t<sizeof(acc) == 4, uint32_t, uint64_t>;
+  typedef U uvec __attribute__((vector_size(32)));
+  constexpr int W = cpu::vec_width<acc>;
+  const cpu::vec_t<acc> v = load_keys<acc>(p);
+  uvec u;
+  std::memcpy(&u, &v, sizeof(u));
+  const auto in = ((u >> (8 * sizeof(acc) - 16)) == static_cast<U>(bucket)) & (v > broadcast(acc(0)));
+  uint32_t bits = 0;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(in[j] & 1) << j;
+  return bits;
+}
+
 // Mutual choice: radix select over the positive entries.
 template <typename scalar_t>
 void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor& cut_value,
@@ -433,7 +449,16 @@ void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor&
     std::vector<Entry> local;
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* row = p + b * stride;
-      for (int64_t f = 0; f < F; ++f) {
+      constexpr int64_t W = cpu::vec_width<acc>;
+      int64_t f = 0;
+      for (; f + W <= F; f += W) {
+        for (uint32_t bits = in_bucket_bits<acc>(row + f, static_cast<uint32_t>(bucket)); bits != 0;
+             bits &= bits - 1) {
+          const int64_t j = f + __builtin_ctz(bits);
+          local.push_back({static_cast<acc>(row[j]), b * F + j});
+        }
+      }
+      for (; f < F; ++f) {
         const acc v = static_cast<acc>(row[f]);
         if ((v > acc(0)) & (static_cast<int>(radix_bucket(v)) == bucket)) local.push_back({v, b * F + f});
       }
