@@ -103,6 +103,24 @@ FT_ALWAYS_INLINE cpu::vec_t<acc> broadcast(acc t) {
   return v;
 }
 
+// Whether any lane of a 32-byte comparison mask is set (one OR-reduce, no per-lane extraction).
+template <typename M>
+FT_ALWAYS_INLINE bool any_lane(const M& m) {
+  uint64_t lanes[4];
+  static_assert(sizeof(m) == sizeof(lanes), "32-byte mask");
+  std::memcpy(lanes, &m, sizeof(lanes));
+  return ((lanes[0] | lanes[1]) | (lanes[2] | lanes[3])) != 0;
+}
+
+// The lanes of a comparison mask as bits (lane j -> bit j).
+template <typename M>
+FT_ALWAYS_INLINE uint32_t lane_bits(const M& m) {
+  constexpr int W = sizeof(m) / sizeof(m[0]);
+  uint32_t bits = 0;
+  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << j;
+  return bits;
+}
+
 // Whether any of the kScanVecs·vec_width entries at p is > t (NaN never is, as in `wants`).
 template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE bool any_above(const scalar_t* p, acc t) {
@@ -110,10 +128,7 @@ FT_ALWAYS_INLINE bool any_above(const scalar_t* p, acc t) {
   const cpu::vec_t<acc> tv = broadcast(t);
   auto m = load_keys<acc>(p) > tv;
   for (int i = 1; i < kScanVecs; ++i) m |= load_keys<acc>(p + i * W) > tv;
-  uint64_t lanes[4];
-  static_assert(sizeof(m) == sizeof(lanes), "32-byte mask");
-  std::memcpy(lanes, &m, sizeof(lanes));
-  return ((lanes[0] | lanes[1]) | (lanes[2] | lanes[3])) != 0;
+  return any_lane(m);
 }
 
 // Bit j set iff entry j of the kScanVecs·vec_width (<= 32) entries at p is > t (>= t when
@@ -391,14 +406,11 @@ template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE uint32_t in_bucket_bits(const scalar_t* p, uint32_t bucket) {
   using U = std::conditional_t<sizeof(acc) == 4, uint32_t, uint64_t>;
   typedef U uvec __attribute__((vector_size(32)));
-  constexpr int W = cpu::vec_width<acc>;
   const cpu::vec_t<acc> v = load_keys<acc>(p);
   uvec u;
   std::memcpy(&u, &v, sizeof(u));
   const auto in = ((u >> (8 * sizeof(acc) - 16)) == static_cast<U>(bucket)) & (v > broadcast(acc(0)));
-  uint32_t bits = 0;
-  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(in[j] & 1) << j;
-  return bits;
+  return lane_bits(in);
 }
 
 // Mutual choice: radix select over the positive entries.
@@ -484,10 +496,8 @@ FT_ALWAYS_INLINE uint32_t at_least_bits(const scalar_t* p, const acc* t) {
   constexpr int W = cpu::vec_width<acc>;
   const auto m0 = load_keys<acc>(p) >= cpu::load_vec<acc>(t);
   const auto m1 = load_keys<acc>(p + W) >= cpu::load_vec<acc>(t + W);
-  uint32_t bits = 0;
-  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m0[j] & 1) << j;
-  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m1[j] & 1) << (W + j);
-  return bits;
+  if (!any_lane(m0 | m1)) return 0;  // the common case: nothing to visit
+  return lane_bits(m0) | (lane_bits(m1) << W);
 }
 
 // The cutoff predicate `kept` (sae_math.h), rearranged for speed: with tp = max(T, 0),
