@@ -74,8 +74,9 @@ struct TopSelector {
 
 // `kScanVecs` 32-byte vectors of keys are tested against the running threshold at once: for
 // random rows almost every block holds nothing above it after the first few hundred entries, so
-// the scan costs a few vector compares per 32 fp32 entries and only the rare passing block walks
-// its entries through the exact (scalar) insert path.
+// the scan costs a few vector compares per 32 fp32 entries and only the lanes of a passing block
+// that beat the threshold go through the exact (scalar) insert path. The same blocks give the
+// block maxima of select_row_by_block_max below.
 constexpr int kScanVecs = 4;
 
 // `vec_width<acc>` entries converted to acc. bf16 widens by a shift (exact, NaN kept), which the
