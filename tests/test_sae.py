@@ -167,6 +167,32 @@ def test_topk_read_once_edge_paths(device, needs_kernels, dtype, kind):
             assert_topk_exact(small, k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_block_maximum_paths(device, needs_kernels, dtype):
+    # The CPU selects k >= 16 from the block maxima of a row when it has at least k blocks of 32
+    # entries, falling back to the streaming scan on -inf/NaN-bounded rows and tie-heavy rows.
+    # Rows: random with +-0, +-inf and NaN; signed zeros only (every entry ties); -inf with a
+    # few finite entries; random with a tail shorter than a block.
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(4, 2 * 1024 + 19, generator=g, dtype=torch.float64)
+    rows[0, ::5] = -0.0
+    rows[0, 1::97] = math.inf
+    rows[0, 2::89] = -math.inf
+    rows[0, 3::31] = math.nan
+    rows[1] = 0.0
+    rows[1, ::2] = -0.0
+    rows[2] = -math.inf
+    rows[2, ::300] = 1.0
+    pre = rows.to(dtype).to(device)
+    for k in (16, 33, 64):
+        assert_topk_exact(pre, k)
+        values, indices = torch.ops.fusedtrain.sae_topk_select(pre, k)
+        key = torch.where(pre.isnan(), -math.inf, pre.double())
+        expected = key.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(indices.cpu(), expected.cpu()), k
+        assert torch.equal(values.cpu(), pre.gather(1, expected).cpu()), k
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_topk_read_once_misaligned_rows(device, needs_kernels, dtype):
     # Rows whose starts are not 16-byte aligned (odd offsets and strides) take the scalar loads;
