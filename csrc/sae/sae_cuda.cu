@@ -141,6 +141,39 @@ __device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* scratch) {
   return total;
 }
 
+// Bitonic sort of the first k (key, index) pairs in shared memory, best first (larger key, then
+// smaller index), by the whole block. The arrays must hold the next power of two >= k: the padding
+// (key 0, which is no value's key, and the largest index) sorts last.
+template <typename Key, typename Index>
+__device__ void sort_best_first(Key* key, Index* idx, int k) {
+  int P = 1;
+  while (P < k) P <<= 1;
+  for (int i = k + threadIdx.x; i < P; i += kThreads) {
+    key[i] = 0;
+    idx[i] = std::numeric_limits<Index>::max();
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int half = size >> 1; half > 0; half >>= 1) {
+      for (int i = threadIdx.x; i < P; i += kThreads) {
+        const int j = i ^ half;
+        if (j <= i) continue;
+        const bool i_first = key[i] > key[j] || (key[i] == key[j] && idx[i] < idx[j]);
+        const bool best_first = (i & size) == 0;
+        if (i_first != best_first) {
+          const Key tk = key[i];
+          key[i] = key[j];
+          key[j] = tk;
+          const Index ti = idx[i];
+          idx[i] = idx[j];
+          idx[j] = ti;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row select. Mode TopK: all entries eligible, write the k best (value desc, index asc).
 // Mode cutoff: positive entries only, write the k-th best as (value, index), (0, -1) when there
@@ -241,33 +274,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
   }
   if (!kTopK) return;
 
-  // Bitonic sort of the k selected entries, best first; padding sorts last.
-  int P = 1;
-  while (P < k) P <<= 1;
-  for (int i = k + threadIdx.x; i < P; i += kThreads) {
-    top_key[i] = 0;
-    top_index[i] = std::numeric_limits<int64_t>::max();
-  }
-  __syncthreads();
-  for (int size = 2; size <= P; size <<= 1) {
-    for (int half = size >> 1; half > 0; half >>= 1) {
-      for (int i = threadIdx.x; i < P; i += kThreads) {
-        const int j = i ^ half;
-        if (j <= i) continue;
-        const bool i_first = top_key[i] > top_key[j] || (top_key[i] == top_key[j] && top_index[i] < top_index[j]);
-        const bool best_first = (i & size) == 0;
-        if (i_first != best_first) {
-          const Key tk = top_key[i];
-          top_key[i] = top_key[j];
-          top_key[j] = tk;
-          const int64_t ti = top_index[i];
-          top_index[i] = top_index[j];
-          top_index[j] = ti;
-        }
-      }
-      __syncthreads();
-    }
-  }
+  sort_best_first(top_key, top_index, static_cast<int>(k));
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const int64_t f = top_index[j];
     out_i[row * k + j] = f;
@@ -504,33 +511,7 @@ __global__ void __launch_bounds__(kThreads) row_stream_select_kernel(
     const Key kth = buffer_kth_key(buf_key, count, k, hist, &s_prefix, &s_need, need);
     count = buffer_keep_best(buf_key, buf_idx, count, kth, need, scan_scratch);
   }
-  // Bitonic sort of the k best, best first; padding (key 0 is no value's key) sorts last.
-  int P = 1;
-  while (P < k) P <<= 1;
-  for (int i = k + threadIdx.x; i < P; i += kThreads) {
-    buf_key[i] = 0;
-    buf_idx[i] = std::numeric_limits<int>::max();
-  }
-  __syncthreads();
-  for (int size = 2; size <= P; size <<= 1) {
-    for (int half = size >> 1; half > 0; half >>= 1) {
-      for (int i = threadIdx.x; i < P; i += kThreads) {
-        const int j = i ^ half;
-        if (j <= i) continue;
-        const bool i_first = buf_key[i] > buf_key[j] || (buf_key[i] == buf_key[j] && buf_idx[i] < buf_idx[j]);
-        const bool best_first = (i & size) == 0;
-        if (i_first != best_first) {
-          const Key tk = buf_key[i];
-          buf_key[i] = buf_key[j];
-          buf_key[j] = tk;
-          const int ti = buf_idx[i];
-          buf_idx[i] = buf_idx[j];
-          buf_idx[j] = ti;
-        }
-      }
-      __syncthreads();
-    }
-  }
+  sort_best_first(buf_key, buf_idx, static_cast<int>(k));
   for (int j = threadIdx.x; j < k; j += kThreads) {
     const int64_t f = buf_idx[j];
     out_i[row * k + j] = f;

@@ -46,6 +46,16 @@ def _reference_set(embeddings, labels, ref_emb, ref_labels):
     return ref_emb, (labels if ref_labels is None else ref_labels)
 
 
+def _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """A PML loss's argument handling: labels or a tuple is needed, labels move to the embeddings'
+    device (as PML), and the reference set is resolved. Returns (labels, ref_emb, ref_labels)."""
+    if labels is None and indices_tuple is None:
+        raise ValueError("labels and indices_tuple cannot both be None")
+    if isinstance(labels, torch.Tensor):
+        labels = labels.to(embeddings.device)
+    return (labels,) + _reference_set(embeddings, labels, ref_emb, ref_labels)
+
+
 def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.sum(embeddings * 0)
 
@@ -212,11 +222,7 @@ class MultiSimilarityLoss(torch.nn.Module):
         self.miner = miner
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if labels is None and indices_tuple is None:
-            raise ValueError("labels and indices_tuple cannot both be None")
-        if isinstance(labels, torch.Tensor):
-            labels = labels.to(embeddings.device)  # as PML
-        ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
+        labels, ref_emb, ref_labels = _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if indices_tuple is None:
             return self.fused(embeddings, labels, ref_emb, ref_labels)
         if isinstance(indices_tuple, MinedPairs) and indices_tuple.mined_from(embeddings, labels, ref_emb, ref_labels):
@@ -282,11 +288,7 @@ class ThresholdConsistentMarginLoss(torch.nn.Module):
         self.margin_minus = _ops._check_finite("margin_minus", margin_minus)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if labels is None and indices_tuple is None:
-            raise ValueError("labels and indices_tuple cannot both be None")
-        if isinstance(labels, torch.Tensor):
-            labels = labels.to(embeddings.device)  # as PML
-        ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
+        labels, ref_emb, ref_labels = _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if indices_tuple is None:
             return _ops.tcm_loss(embeddings, labels, ref_emb, ref_labels, lambda_plus=self.lambda_plus,
                                  lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
