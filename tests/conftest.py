@@ -38,16 +38,18 @@ def _seed(request):
     torch.manual_seed(zlib.crc32((salt + request.node.nodeid).encode()))
 
 
-def kernels_built(device: str) -> bool:
-    """Whether a compiled kernel serves spherical_loss on `device` (else the reference runs)."""
+def kernels_built(device: str, op: str = "spherical_loss") -> bool:
+    """Whether a compiled kernel serves `op` on `device` (else the reference runs)."""
     key = "CUDA" if device == "cuda" else "CPU"
-    return key in fusedtrain._backend.backends_for("spherical_loss")
+    return key in fusedtrain._backend.backends_for(op)
 
 
 @pytest.fixture
-def needs_kernels(device):
-    if not kernels_built(device):
-        pytest.skip(f"no compiled {device} kernel for spherical_loss in this build")
+def needs_kernels(device, request):
+    """Skips unless a compiled kernel serves the test module's KERNEL_OP (default spherical_loss)."""
+    op = getattr(request.module, "KERNEL_OP", "spherical_loss")
+    if not kernels_built(device, op):
+        pytest.skip(f"no compiled {device} kernel for {op} in this build")
 
 
 def cpu_peak_extra_mib(fn) -> float:

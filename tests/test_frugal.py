@@ -20,20 +20,13 @@ from fusedtrain.optim import FRUGAL
 from fusedtrain.reference import frugal as ref
 from fusedtrain.reference.frugal import FRUGALReference
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, kernels_built
 
 GATHER = ["columns", "rows", "block"]
 ALL_PROJ = ["columns", "rows", "block", "svd", "random"]
 
 
-def kernel_built(device: str) -> bool:
-    return ("CUDA" if device == "cuda" else "CPU") in fusedtrain._backend.backends_for("frugal_step_")
-
-
-@pytest.fixture
-def needs_kernel(device):
-    if not kernel_built(device):
-        pytest.skip(f"no compiled {device} kernel for frugal_step_ in this build")
+KERNEL_OP = "frugal_step_"  # what the needs_kernels fixture (conftest) checks
 
 
 # Shapes of the long runs: wide and tall matrices, odd sizes, a 3-D (conv-like) weight viewed as
@@ -132,7 +125,7 @@ def test_density_zero_is_signsgd(device, proj):
 @pytest.mark.slow
 @pytest.mark.parametrize("proj", ALL_PROJ)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_matches_reference_300_steps(device, needs_kernel, proj, dtype, tol):
+def test_matches_reference_300_steps(device, needs_kernels, proj, dtype, tol):
     grads = grad_stream(SHAPES, 300, seed=1)
     kw = dict(lr=1e-2, weight_decay=0.01, density=0.3, proj=proj, update_gap=50, seed=3)
     ours = make_params(device, dtype)
@@ -150,7 +143,7 @@ def test_matches_reference_300_steps(device, needs_kernel, proj, dtype, tol):
 
 
 @pytest.mark.parametrize("proj", GATHER)
-def test_fp32_kernel_against_fp64_reference(device, needs_kernel, proj):
+def test_fp32_kernel_against_fp64_reference(device, needs_kernels, proj):
     """fp32 kernel vs the fp64 reference on the same gradients (for gather projections the residual
     signs are those of the gradient itself, so only Adam's rounding differs)."""
     grads = grad_stream(SHAPES, 120, seed=2)
@@ -301,7 +294,7 @@ def test_non_contiguous_param(device):
     assert max_rel(w, twin) < 1e-6
 
 
-def test_bfloat16_params(device, needs_kernel):
+def test_bfloat16_params(device, needs_kernels):
     shapes = [(24, 40), (40,)]
     ours = make_params(device, torch.bfloat16, shapes)
     theirs = [torch.nn.Parameter(p.detach().double().cpu()) for p in ours]
@@ -350,7 +343,7 @@ HYPER = dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, free_lr
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("free_update", ["signsgd", "sgd", "none"])
-def test_op_matches_reference(device, needs_kernel, dtype, tol, free_update):
+def test_op_matches_reference(device, needs_kernels, dtype, tol, free_update):
     ours = op_case(device, dtype)
     theirs = op_case("cpu", torch.float64)  # same draws, fp64
     fusedtrain.frugal_step_(**ours, **HYPER, free_update=free_update)
@@ -365,7 +358,7 @@ def test_op_matches_reference(device, needs_kernel, dtype, tol, free_update):
             assert torch.equal(a, b)
 
 
-def test_opcheck(needs_kernel):
+def test_opcheck(needs_kernels):
     case = op_case("cpu", torch.float64)
     case = {k: case[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "indices", "residual_bases",
                                  "dense_updates", "kinds", "steps")}
@@ -373,7 +366,7 @@ def test_opcheck(needs_kernel):
     torch.library.opcheck(torch.ops.fusedtrain.frugal_step_, args)
 
 
-def test_torch_compile_fullgraph(needs_kernel):
+def test_torch_compile_fullgraph(needs_kernels):
     case, eager = op_case("cpu", torch.float32), op_case("cpu", torch.float32)
 
     def step(c):
@@ -429,7 +422,7 @@ def test_bad_params_and_grads(device):
     (lambda c: c["steps"].pop(), ValueError, "steps must have one entry per param"),
     (lambda c: c["residual_bases"].__setitem__(7, torch.zeros(3)), ValueError, r"residual_bases\[7\]"),
 ])
-def test_op_errors(needs_kernel, mutate, exc, match):
+def test_op_errors(needs_kernels, mutate, exc, match):
     case = op_case("cpu", torch.float32)
     mutate(case)
     with pytest.raises(exc, match=match):
@@ -439,7 +432,7 @@ def test_op_errors(needs_kernel, mutate, exc, match):
             1e-8, 0.0, "signsgd", 1.0)
 
 
-def test_op_hyperparameter_errors(needs_kernel):
+def test_op_hyperparameter_errors(needs_kernels):
     case = op_case("cpu", torch.float32)
     for bad, match in ((dict(free_update="adam"), "free_update"), (dict(beta1=1.0), "beta1"),
                        (dict(lr=float("nan")), "lr"), (dict(weight_decay=-1.0), "weight_decay")):
@@ -451,7 +444,7 @@ def test_op_hyperparameter_errors(needs_kernel):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("proj", ALL_PROJ)
 def test_cpu_and_cuda_agree(proj):
-    if not kernel_built("cuda"):
+    if not kernels_built("cuda", KERNEL_OP):
         pytest.skip("no CUDA kernel in this build")
     grads = grad_stream(SHAPES, 60, seed=8)
     kw = dict(lr=1e-2, density=0.3, proj=proj, update_gap=20, seed=1)
@@ -489,7 +482,7 @@ def test_example_trains(capsys):
 def test_cuda_column_limit_is_an_error():
     """The CUDA column path keeps a bitmask of the columns in shared memory (at most 393216
     columns): wider tensors are refused with a clear error, never run wrong."""
-    if not kernel_built("cuda"):
+    if not kernels_built("cuda", KERNEL_OP):
         pytest.skip("no CUDA kernel in this build")
     p = torch.zeros(1, 400_000, device="cuda")
     idx = torch.tensor([0, 5], dtype=torch.int32, device="cuda")

@@ -22,6 +22,8 @@ from fusedtrain.reference.linear_spherical import linear_topk as reference_topk
 
 from conftest import HAS_CUDA, cpu_peak_extra_mib
 
+KERNEL_OP = "linear_spherical_loss"  # what the needs_kernels fixture (conftest) checks
+
 KINDS = ["z", "spherical", "taylor", "mse"]
 REDUCTIONS = ["mean", "sum", "none"]
 

@@ -8,17 +8,14 @@ CrossBatchMemory across wrap-around. Every test runs on "cpu" and (marked `cuda`
 """
 from __future__ import annotations
 
-import subprocess
-import textwrap
 
 import pytest
 import torch
 
-import fusedtrain
 from fusedtrain import mining as fm
 from fusedtrain.reference import mining as ref
 
-from conftest import cpu_peak_extra_mib
+from conftest import cpu_peak_extra_mib, kernels_built
 
 try:
     import pytorch_metric_learning
@@ -37,15 +34,7 @@ SHAPES = [(1, 1, 3, 2), (7, 5, 1, 3), (33, 40, 16, 4), (64, 300, 9, 50), (130, 1
 DTYPE_TOL = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 2e-5, id="fp32")]
 
 
-def kernels_built(device: str) -> bool:
-    key = "CUDA" if device == "cuda" else "CPU"
-    return key in fusedtrain._backend.backends_for("multi_similarity_loss")
-
-
-@pytest.fixture
-def needs_kernels(device):
-    if not kernels_built(device):
-        pytest.skip(f"no compiled {device} kernel for the mining ops in this build")
+KERNEL_OP = "multi_similarity_loss"  # what the needs_kernels fixture (conftest) checks
 
 
 @pytest.fixture(params=[None, 97], ids=["one_tile", "small_tiles"])
@@ -455,7 +444,7 @@ def test_memory_bound_against_large_reference_set(needs_kernels_cpu):
 
 @pytest.fixture
 def needs_kernels_cpu():
-    if not kernels_built("cpu"):
+    if not kernels_built("cpu", KERNEL_OP):
         pytest.skip("no compiled CPU kernel for the mining ops in this build")
 
 
@@ -684,7 +673,7 @@ def test_classes_reject_unsupported_options():
 
 @pytest.mark.cuda
 def test_cpu_cuda_agree(needs_kernels_cpu):
-    if not kernels_built("cuda"):
+    if not kernels_built("cuda", KERNEL_OP):
         pytest.skip("no compiled CUDA kernel")
     x, labels, r, rl = make_case(70, 300, 24, 6, "cpu")
     for fn in (fm.multi_similarity_loss, fm.tcm_loss):

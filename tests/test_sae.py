@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-import fusedtrain
 from fusedtrain import sae
 from fusedtrain.reference import sae as ref
 
@@ -21,15 +20,7 @@ from conftest import HAS_CUDA
 OPS = torch.ops.fusedtrain
 
 
-def built(device: str) -> bool:
-    key = "CUDA" if device == "cuda" else "CPU"
-    return key in fusedtrain._backend.backends_for("sae_route")
-
-
-@pytest.fixture
-def needs_kernels(device):
-    if not built(device):
-        pytest.skip(f"no compiled {device} kernel for the SAE ops in this build")
+KERNEL_OP = "sae_route"  # what the needs_kernels fixture (conftest) checks
 
 
 def assert_csr_equal(acts, expected):
