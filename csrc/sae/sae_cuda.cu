@@ -106,13 +106,12 @@ __device__ __forceinline__ acc_t<scalar_t> key_value(key_t<scalar_t> key) {
   return static_cast<acc_t<scalar_t>>(T::value(b));
 }
 
-// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's sum.
-// Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, int& total) {
+// Cross-warp half of a block-wide exclusive scan: given its warp's total (the same in every lane),
+// returns the sum of the totals of the warps before it; `total` gets the block's sum. Every thread
+// of the block must call it. `scratch` holds kWarps + 1 ints.
+__device__ __forceinline__ int block_warp_offset(int warp_total, int* scratch, int& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-  if (lane == 0) scratch[warp] = __popc(ballot);
+  if (lane == 0) scratch[warp] = warp_total;
   __syncthreads();
   if (threadIdx.x == 0) {
     int run = 0;
@@ -124,10 +123,19 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
     scratch[kWarps] = run;
   }
   __syncthreads();
-  const int result = scratch[warp] + in_warp;
+  const int offset = scratch[warp];
   total = scratch[kWarps];
   __syncthreads();  // scratch is reused by the next call
-  return result;
+  return offset;
+}
+
+// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's sum.
+// Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
+__device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
+  return block_warp_offset(__popc(ballot), scratch, total) + in_warp;
 }
 
 __device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* scratch) {
@@ -310,28 +318,14 @@ struct StreamSelect {
 // Exclusive prefix sum of `v` over the block in thread order; `total` gets the block's sum.
 // Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
 __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
   int inclusive = v;
   for (int d = 1; d < 32; d <<= 1) {
     const int n = __shfl_up_sync(0xffffffffu, inclusive, d);
     if (lane >= d) inclusive += n;
   }
-  if (lane == 31) scratch[warp] = inclusive;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = scratch[w];
-      scratch[w] = run;
-      run += c;
-    }
-    scratch[kWarps] = run;
-  }
-  __syncthreads();
-  const int result = scratch[warp] + inclusive - v;
-  total = scratch[kWarps];
-  __syncthreads();  // scratch is reused by the next call
-  return result;
+  const int warp_total = __shfl_sync(0xffffffffu, inclusive, 31);
+  return block_warp_offset(warp_total, scratch, total) + inclusive - v;
 }
 
 // The k-th best key among keys[0, n) (1 <= k <= n), by 8-bit radix passes over the shared buffer.
