@@ -1,0 +1,85 @@
+"""Which compiled backends are present, and the one place that decides kernel vs reference.
+
+`fusedtrain._C` registers the `torch.ops.fusedtrain.*` schemas and the kernels it was built with. When
+it is missing (a source checkout that was never built) every op runs its pure-PyTorch reference, and
+one warning says so. When it is present but has no kernel for a device (a CPU-only build given CUDA
+tensors), that op also runs the reference, again with one warning per (op, device).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_EXTENSION_ERROR: str | None = None
+try:
+    from .. import _C  # noqa: F401  (importing it registers the ops)
+except ImportError as exc:  # no build: references only
+    _EXTENSION_ERROR = ("fusedtrain._C is not built" if isinstance(exc, ModuleNotFoundError)
+                        or "cannot import name '_C'" in str(exc) else str(exc))
+
+_warned: set[tuple[str, str]] = set()
+
+
+def has_extension() -> bool:
+    """True when the compiled `fusedtrain._C` was imported."""
+    return _EXTENSION_ERROR is None
+
+
+def extension_error() -> str | None:
+    """Why `_C` could not be imported (None when it was)."""
+    return _EXTENSION_ERROR
+
+
+def _query_backends(op: str) -> list[str]:
+    if not has_extension():
+        return []
+    name = f"fusedtrain::{op}"
+    try:
+        return [key for key in ("CPU", "CUDA")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
+    except RuntimeError:  # op not registered by this build
+        return []
+
+
+# op -> dispatch keys with a kernel. Filled by `add_op` when a family declares its ops (at import,
+# before any tracing), so that torch.compile sees `use_kernel` as a plain dict lookup.
+_BACKENDS: dict[str, list[str]] = {}
+
+
+def add_op(op: str) -> None:
+    """Record which backends serve `fusedtrain::<op>` (called by `_core.registry.register_op`)."""
+    _BACKENDS[op] = _query_backends(op)
+
+
+def ops() -> list[str]:
+    """Every op the families declared, in declaration order."""
+    return list(_BACKENDS)
+
+
+def public_ops() -> list[str]:
+    """The ops behind the public API (private ones, `_<name>`, serve them): what `info` lists."""
+    return [op for op in _BACKENDS if not op.startswith("_")]
+
+
+def backends_for(op: str) -> list[str]:
+    """Dispatch keys ("CPU", "CUDA") that have a compiled kernel for `fusedtrain::<op>`."""
+    try:
+        return _BACKENDS[op]
+    except KeyError:
+        raise KeyError(f"fusedtrain has no op {op!r}; known ops: {', '.join(_BACKENDS)}") from None
+
+
+def use_kernel(op: str, device: torch.device) -> bool:
+    """Whether `op` on `device` runs a compiled kernel; warns once per (op, device) when it cannot."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is not None and key in backends_for(op):
+        return True
+    if (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        why = (f"no compiled kernels ({_EXTENSION_ERROR})" if not has_extension()
+               else f"this build of fusedtrain has no {device.type} kernel for {op}")
+        warnings.warn(f"{why}; using the pure-PyTorch reference for {op} on {device.type}, which is "
+                      "correct but slow. Build with `pip install --no-build-isolation -e .`.",
+                      RuntimeWarning, stacklevel=3)
+    return False
