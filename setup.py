@@ -18,7 +18,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY_LIMITED_API = "cp310"  # one abi3 wheel per torch version for CPython >= 3.10
@@ -135,7 +135,7 @@ def _version() -> str:
 
 setup(
     version=_version(),
-    packages=["fusedtrain", "fusedtrain.reference", "fusedtrain.benchmarks"],
+    packages=find_packages("python") + ["fusedtrain.benchmarks"],
     package_dir={"fusedtrain": "python/fusedtrain", "fusedtrain.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

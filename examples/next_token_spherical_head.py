@@ -12,7 +12,7 @@ it. Evaluation ranks the whole vocabulary with the head's chunked top-k.
 
 Prints the training loss and held-out top-1 / top-5 accuracy. Measured with the defaults (seed 0, 300
 steps, 2 shared CPU cores): Z-loss head 0.300 / 0.499 in 82 s; cross-entropy 0.304 / 0.513 in 158 s.
-spec/spherical.md reports the same metrics for a larger run (CE 0.214 / 0.353, Z 0.180 / 0.349).
+The README reports the same metrics for a larger run (CE 0.214 / 0.353, Z 0.180 / 0.349).
 """
 from __future__ import annotations
 

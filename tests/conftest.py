@@ -41,7 +41,7 @@ def _seed(request):
 def kernels_built(device: str, op: str = "spherical_loss") -> bool:
     """Whether a compiled kernel serves `op` on `device` (else the reference runs)."""
     key = "CUDA" if device == "cuda" else "CPU"
-    return key in fusedtrain._backend.backends_for(op)
+    return key in fusedtrain._core.backend.backends_for(op)
 
 
 @pytest.fixture

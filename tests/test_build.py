@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusedtrain
-from fusedtrain import _backend
+from fusedtrain._core import backend as _backend
 
 
 def test_public_api_is_importable():
@@ -19,14 +19,14 @@ def test_public_api_is_importable():
     assert callable(fusedtrain.spherical_loss)
     assert issubclass(fusedtrain.nn.SphericalLoss, torch.nn.Module)
     assert callable(fusedtrain.reference.spherical.spherical_loss)
-    assert "spherical_loss" in _backend.OPS
+    assert "spherical_loss" in _backend.public_ops()
 
 
 def test_cli_info_lists_every_op():
     out = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True, text=True,
                          check=True).stdout  # check=True: exit status 0
     assert fusedtrain.__version__ in out and torch.__version__ in out
-    for op in _backend.OPS:
+    for op in _backend.public_ops():
         assert op in out
     # It reports the build this process sees.
     assert ("compiled kernels: none" in out) == (not _backend.has_extension()), out
@@ -40,7 +40,7 @@ def test_cli_selftest_passes():
                     reason="set FUSEDTRAIN_EXPECT_EXTENSION=1 where the build must have happened (CI)")
 def test_extension_was_built():
     assert _backend.has_extension(), _backend.extension_error()
-    for op in _backend.OPS:
+    for op in _backend.public_ops():
         assert "CPU" in _backend.backends_for(op)
         if torch.version.cuda is not None and os.environ.get("FUSEDTRAIN_EXPECT_CUDA") == "1":
             assert "CUDA" in _backend.backends_for(op), "CUDA kernels missing from a CUDA build"
@@ -79,8 +79,8 @@ def test_import_without_extension_uses_references(tmp_path):
             "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
             "import warnings, torch, fusedtrain\n"
             "assert fusedtrain.__file__.startswith(sys.argv[1]), fusedtrain.__file__\n"
-            "assert not fusedtrain._backend.has_extension()\n"
-            "assert fusedtrain._backend.backends_for('spherical_loss') == []\n"
+            "assert not fusedtrain._core.backend.has_extension()\n"
+            "assert fusedtrain._core.backend.backends_for('spherical_loss') == []\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"

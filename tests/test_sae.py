@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from fusedtrain import sae
+from fusedtrain.sae.checks import routing_param
+from fusedtrain.sae.codec import encode_with_cutoff
+from fusedtrain.sae.routing import reference_cutoff
 from fusedtrain.reference import sae as ref
 
 from conftest import HAS_CUDA
@@ -335,7 +338,7 @@ def reference_step(params, routing, kw, upstream):
     leaves = [p.detach().double().requires_grad_() for p in params]
     x, W_enc, b_enc, b_dec, W_dec = leaves
     B, F = x.shape[0], W_enc.shape[1]
-    param = None if routing == "threshold" else sae._routing_param(routing, kw.get("k"), kw.get("m"),
+    param = None if routing == "threshold" else routing_param(routing, kw.get("k"), kw.get("m"),
                                                                   kw.get("budget"), B, F)
     dense = ref.encode(x, W_enc, b_enc, b_dec, routing, param, kw.get("theta"))
     out = ref.decode(dense, W_dec, b_dec)
@@ -505,7 +508,7 @@ def test_torch_compile_fused_step(device, needs_kernels, routing, param):
     x, W_enc, b_enc, b_dec, W_dec = params
 
     def step(x, W_enc, b_enc, b_dec, W_dec):
-        acts = sae._encode(x, W_enc, b_enc, b_dec, routing, param)[0]
+        acts = encode_with_cutoff(x, W_enc, b_enc, b_dec, routing, param)[0]
         return (sae.sparse_decode(acts, W_dec, b_dec, check_indices=False) - x).pow(2).sum()
 
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
@@ -653,10 +656,10 @@ def test_module_thresholds_for_inference(device, routing):
     model = sae.SparseAutoencoder(16, 50, routing, k=4, threshold_decay=0.5, device=device, dtype=torch.float64)
     x = torch.randn(40, 16, dtype=torch.float64, device=device)
     model(x)
-    param = sae._routing_param(routing, 4, None, None, 40, 50)
+    param = routing_param(routing, 4, None, None, 40, 50)
     pre = (x - model.b_dec) @ model.W_enc + model.b_enc
     cutoff = (ref.feature_choice_cutoff(pre.detach(), param) if routing == "feature_choice"
-              else sae._reference_cutoff(pre.detach(), routing, param).expand(50))
+              else reference_cutoff(pre.detach(), routing, param).expand(50))
     torch.testing.assert_close(model.threshold.double(), cutoff.double(), rtol=1e-6, atol=1e-6)
     model.eval()
     acts = model.encode(x)

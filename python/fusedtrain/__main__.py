@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from . import __version__, _backend
+from . import __version__
+from ._core import backend
 
 
 def _build_info() -> dict:
@@ -25,15 +26,15 @@ def info() -> int:
         print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     else:
         print("GPU: none visible")
-    if not _backend.has_extension():
-        print(f"compiled kernels: none ({_backend.extension_error()}); every op runs its reference")
+    if not backend.has_extension():
+        print(f"compiled kernels: none ({backend.extension_error()}); every op runs its reference")
     else:
         cuda = (f"CUDA {build.get('BUILT_WITH_CUDA')} for archs {build.get('CUDA_ARCHS')}"
                 if build.get("WITH_CUDA") else "no CUDA")
         print(f"compiled kernels: CPU, {cuda} (built against torch {build.get('BUILT_WITH_TORCH')})")
     print("ops:")
-    for op in _backend.OPS:
-        backends = _backend.backends_for(op)
+    for op in backend.public_ops():
+        backends = backend.backends_for(op)
         served = ", ".join(backends + ["reference (other devices)"]) if backends else "reference only"
         print(f"  {op:24s} {served}")
     return 0

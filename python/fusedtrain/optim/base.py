@@ -1,18 +1,5 @@
-"""Pure-PyTorch reference of the FRUGAL optimizer (spec/frugal.md), written from the spec.
-
-Two levels, mirroring the compiled code:
-- `frugal_step_`: the reference of the fused op `fusedtrain::frugal_step_`: same arguments, same
-  in-place effect, plain tensor ops (gathers, scatters, full-size intermediates), float64-capable.
-- `FRUGALReference`: the optimizer. It owns everything that is not element-wise: the subspace
-  choice (random columns/rows/blocks, SVD or random semi-orthogonal bases), when it is refreshed,
-  the state and its `state_dict`. It hands every step's element-wise work to `_step_fn`, which is
-  `frugal_step_` here and the compiled op in `fusedtrain.optim.FRUGAL`, so the two optimizers draw
-  the same subspaces from the same seed and differ only in the fused update.
-
-Update of a projectable W (m×n) with gradient G (spec): G_full = P(G); u = AdamW direction of
-G_full with moments kept in the subspace; G_free = G − P⁻¹(G_full); u_free = sign(G_free)
-(signsgd), G_free (sgd) or 0 (none); W ← W·(1 − lr·wd) − lr·P⁻¹(u) − lr·free_lr_scale·u_free.
-"""
+"""`FRUGALBase`: the FRUGAL optimizer's bookkeeping (options, subspaces, state, `state_dict`), shared
+by `FRUGAL` (fused step) and `FRUGALReference` (reference step), which differ only in `_step_fn`."""
 from __future__ import annotations
 
 import math
@@ -20,113 +7,11 @@ from collections import defaultdict
 
 import torch
 
-# Kinds of per-tensor update of the fused op (csrc/frugal/frugal_math.h).
-DENSE, COLUMNS, ROWS, FREE, RESIDUAL = range(5)
+from .._core.dtypes import accumulate_dtype
+from .subspace import (BLOCK_ORDERS, COLUMNS, DENSE, FREE, FREE_UPDATES, PROJECTIONS, RESIDUAL, ROWS,
+                       block_selection, matrix_shape, random_basis, select_indices, subspace_size, svd_basis)
 
-PROJECTIONS = ("columns", "rows", "block", "svd", "random")
-FREE_UPDATES = ("signsgd", "sgd", "none")
-BLOCK_ORDERS = ("random", "ascending", "descending")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
-    """The (rows, cols) view of a tensor: dim >= 2 as (size(0), rest), 1-D as one row."""
-    if p.dim() < 2:
-        return 1, p.numel()
-    return p.shape[0], math.prod(p.shape[1:])
-
-
-def subspace_size(density: float, size: int) -> int:
-    """round(density·size), halves rounded up (Python's round() would round them to even)."""
-    return min(size, int(math.floor(density * size + 0.5)))
-
-
-def free_direction(g: torch.Tensor, free_update: str) -> torch.Tensor:
-    if free_update == "signsgd":
-        return torch.sign(g)
-    if free_update == "sgd":
-        return g
-    return torch.zeros_like(g)
-
-
-def frugal_step_(params, grads, exp_avgs, exp_avg_sqs, indices, kinds, steps, *, lr, beta1, beta2,
-                 eps, weight_decay, free_update="signsgd", free_lr_scale=1.0, residual_bases=None,
-                 dense_updates=None) -> None:
-    """Reference of `fusedtrain.frugal_step_` (see there for the arguments)."""
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        kind = int(kinds[i])
-        acc = _acc_dtype(p.dtype)
-        rows, cols = matrix_shape(p)
-        W = p.detach().reshape(rows, cols).to(acc)
-        G = grads[i].reshape(rows, cols).to(acc)
-        decay = 1.0 - lr * weight_decay
-        free_scale = lr * free_lr_scale
-        if kind == RESIDUAL:
-            base = residual_bases[i].reshape(rows, cols).to(acc)
-            update = dense_updates[i].reshape(rows, cols).to(acc)
-            new = W * decay - lr * update - free_scale * free_direction(G - base, free_update)
-            p.detach().copy_(new.reshape(p.shape))
-            continue
-        new = W * decay - free_scale * free_direction(G, free_update)
-        if kind in (DENSE, COLUMNS, ROWS):
-            if kind == DENSE:
-                select = (slice(None), slice(None))
-            else:
-                idx = indices[i].long()
-                select = (slice(None), idx) if kind == COLUMNS else (idx, slice(None))
-            Gs, Ws = G[select], W[select]
-            m = exp_avgs[i].reshape(Gs.shape).to(acc)
-            v = exp_avg_sqs[i].reshape(Gs.shape).to(acc)
-            # torch.optim.AdamW's order of operations.
-            m = torch.lerp(m, Gs, 1.0 - beta1)
-            v = v * beta2 + (1.0 - beta2) * Gs * Gs
-            t = int(steps[i])
-            step_size = lr / (1.0 - beta1 ** t)
-            bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
-            new[select] = Ws * decay - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
-            exp_avgs[i].copy_(m.reshape(exp_avgs[i].shape))
-            exp_avg_sqs[i].copy_(v.reshape(exp_avg_sqs[i].shape))
-        p.detach().copy_(new.reshape(p.shape))
-
-
-# ---------------------------------------------------------------------------------------------
-# Subspace choice (shared with fusedtrain.optim.FRUGAL: same generator, same draws)
-
-def select_indices(size: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct indices of [0, size), uniformly at random, sorted, int32 (on the CPU)."""
-    return torch.randperm(size, generator=generator)[:k].sort().values.to(torch.int32)
-
-
-def svd_basis(G: torch.Tensor, r: int, right: bool) -> torch.Tensor:
-    """Top-r right (n×r) or left (m×r) singular vectors of G, in fp32 (fp64 for fp64)."""
-    U, _, Vh = torch.linalg.svd(G.to(_acc_dtype(G.dtype)), full_matrices=False)
-    return Vh[:r].T.contiguous() if right else U[:, :r].contiguous()
-
-
-def random_basis(size: int, r: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """A random semi-orthogonal size×r matrix (Q of a Gaussian's QR), drawn on the CPU."""
-    gauss = torch.randn(size, r, generator=generator, dtype=torch.float64)
-    q, rr = torch.linalg.qr(gauss)
-    q = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
-    return q.to(dtype)
-
-
-def block_selection(count: int, k: int, refresh: int, order: str, generator: torch.Generator) -> set[int]:
-    """Which of `count` tensors are state-full after refresh number `refresh` (0, 1, ...).
-
-    random: k drawn afresh; ascending/descending: the next k in (reverse) order, cycling (BAdam).
-    """
-    if count == 0 or k == 0:
-        return set()
-    if order == "random":
-        return set(torch.randperm(count, generator=generator)[:k].tolist())
-    chosen = {(refresh * k + i) % count for i in range(k)}
-    return chosen if order == "ascending" else {count - 1 - c for c in chosen}
+__all__ = ["FRUGALBase", "check_group"]
 
 
 def _check_number(name, value, group_id, low=None, high=None, *, low_open=False, high_open=False):
@@ -178,15 +63,13 @@ def check_group(group: dict, group_id: int) -> None:
                              f"(param group {group_id})")
 
 
-class FRUGALReference(torch.optim.Optimizer):
-    """FRUGAL (Zmushko et al., 2025): AdamW in a subspace of density ρ, signSGD outside it.
+class FRUGALBase(torch.optim.Optimizer):
+    """FRUGAL's optimizer logic, everything but the element-wise update: per param group the options
+    (checked by `check_group`), the subspace of each tensor and its refreshes, the moments, the
+    `state_dict` (with the subspace generator), and the bucketing of each step into one `_step_fn`
+    call per (device, dtype). Subclasses set `_step_fn` (the fused op, or the reference)."""
 
-    Arguments as `fusedtrain.optim.FRUGAL`. Per param group: `proj` in PROJECTIONS, or None for a
-    group on plain AdamW (embeddings, output head); tensors of fewer than 2 dimensions always get
-    AdamW. `block_order` ("random", "ascending", "descending") orders the "block" projection.
-    """
-
-    _step_fn = staticmethod(frugal_step_)
+    _step_fn = None
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, density: float = 0.25, proj: str | None = "columns",
@@ -372,7 +255,7 @@ class FRUGALReference(torch.optim.Optimizer):
             if group["proj"] == "svd":
                 basis = svd_basis(G, r, right)
             else:
-                basis = random_basis(cols if right else rows, r, self._generator, _acc_dtype(p.dtype))
+                basis = random_basis(cols if right else rows, r, self._generator, accumulate_dtype(p.dtype))
             state["projection"] = basis.to(device=p.device, dtype=p.dtype)
             if group["reset_state"] or "exp_avg" not in state:
                 self._zeros_moments(state, p, (rows, r) if right else (r, cols))

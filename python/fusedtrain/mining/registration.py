@@ -1,0 +1,96 @@
+"""Fake (meta) kernels and autograd of the mining family's compiled ops, through
+`_core.registry.register_op` (registered only when `_C` defines the ops)."""
+from __future__ import annotations
+
+import torch
+
+from .._core.dtypes import accumulate_dtype
+from .._core.registry import register_op
+from .stats import STAT_COUNT
+
+
+def _fake_loss(embeddings, labels, ref_emb, ref_labels, *_):
+    return embeddings.new_empty(()), embeddings.new_empty((embeddings.shape[0], STAT_COUNT),
+                                                          dtype=accumulate_dtype(embeddings.dtype))
+
+
+def _fake_ms_loss(embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine,
+                  compute_grad, ref_grad):
+    loss, stats = _fake_loss(embeddings, labels, ref_emb, ref_labels)
+    grad_x = embeddings.new_empty(embeddings.shape if compute_grad else (0,))
+    grad_r = (ref_emb.new_empty(ref_emb.shape) if compute_grad and ref_grad and ref_emb is not None
+              else embeddings.new_empty((0,)))
+    return loss, stats, grad_x, grad_r
+
+
+def _fake_backward(grad_loss, embeddings, labels, ref_emb, ref_labels, *rest):
+    ref_grad = rest[-1]
+    grad_ref = (ref_emb.new_empty(ref_emb.shape) if ref_grad and ref_emb is not None
+                else embeddings.new_empty((0,)))
+    return embeddings.new_empty(embeddings.shape), grad_ref
+
+
+def _fake_mine(embeddings, labels, ref_emb, ref_labels, rule, epsilon, pos_margin, neg_margin):
+    ctx = torch.library.get_ctx()
+    n_pos, n_neg = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    new = lambda n: labels.new_empty((n,), dtype=torch.long)  # noqa: E731
+    return new(n_pos), new(n_pos), new(n_neg), new(n_neg)
+
+
+def _fake_batch_hard(embeddings, labels, ref_emb, ref_labels):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return tuple(labels.new_empty((n,), dtype=torch.long) for _ in range(3))
+
+
+def _setup_ms(ctx, inputs, output):
+    (embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine, compute_grad,
+     ref_grad) = inputs
+    _, stats, grad_x, grad_r = output
+    ctx.hyper = (alpha, beta, base, epsilon, mine)
+    ctx.computed = (compute_grad, compute_grad and ref_grad and ref_emb is not None)
+    ctx.mark_non_differentiable(stats, grad_x, grad_r)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(embeddings, labels, ref_emb, ref_labels, self_index, stats, grad_x, grad_r)
+
+
+def _backward_ms(ctx, grad_loss, *_grads_of_non_differentiable):
+    embeddings, labels, ref_emb, ref_labels, self_index, stats, grad_x, grad_r = ctx.saved_tensors
+    need_x, need_r = ctx.needs_input_grad[0], ref_emb is not None and ctx.needs_input_grad[2]
+    if grad_loss is None or not (need_x or need_r):
+        return (None,) * 12
+    if ctx.computed[0] and (ctx.computed[1] or not need_r):
+        # The forward computed the gradients for an upstream gradient of 1: scale them.
+        gx, gr = grad_x * grad_loss, (grad_r * grad_loss if need_r else None)
+    else:
+        gx, gr = torch.ops.fusedtrain._multi_similarity_loss_backward(
+            grad_loss, embeddings, labels, ref_emb, ref_labels, self_index, stats, *ctx.hyper, need_r)
+    return (gx if need_x else None, None, gr if need_r else None) + (None,) * 9
+
+
+def _setup_tcm(ctx, inputs, output):
+    embeddings, labels, ref_emb, ref_labels, *hyper = inputs
+    _, stats = output
+    ctx.hyper = tuple(hyper)
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(embeddings, labels, ref_emb, ref_labels, stats)
+
+
+def _backward_tcm(ctx, grad_loss, _grad_stats):
+    embeddings, labels, ref_emb, ref_labels, stats = ctx.saved_tensors
+    need_x, need_r = ctx.needs_input_grad[0], ref_emb is not None and ctx.needs_input_grad[2]
+    if grad_loss is None or not (need_x or need_r):
+        return (None,) * 8
+    gx, gr = torch.ops.fusedtrain._tcm_loss_backward(grad_loss, embeddings, labels, ref_emb, ref_labels,
+                                                     stats, *ctx.hyper, need_r)
+    return (gx if need_x else None, None, gr if need_r else None) + (None,) * 5
+
+
+register_op("multi_similarity_loss", fake=_fake_ms_loss, backward=_backward_ms, setup_context=_setup_ms,
+            reference="fusedtrain.reference.mining.multi_similarity_loss")
+register_op("_multi_similarity_loss_backward", fake=_fake_backward)
+register_op("tcm_loss", fake=_fake_loss, backward=_backward_tcm, setup_context=_setup_tcm,
+            reference="fusedtrain.reference.mining.tcm_loss")
+register_op("_tcm_loss_backward", fake=_fake_backward)
+register_op("mine_pairs", fake=_fake_mine)
+register_op("batch_hard_mine", fake=_fake_batch_hard)

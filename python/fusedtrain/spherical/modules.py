@@ -1,0 +1,100 @@
+"""`torch.nn` modules of the spherical family: `SphericalLoss` (over logits), `LinearSphericalLoss`
+(the fused linear op) and `SphericalHead` (a classifier head that caches its weight's statistics)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
+from .linear import LinearStats, TopK, linear_spherical_loss, linear_spherical_stats, linear_topk
+from .ops import spherical_loss
+
+__all__ = ["SphericalLoss", "LinearSphericalLoss", "SphericalHead"]
+
+
+class _SphericalLossModule(torch.nn.Module):
+    """The hyperparameters of a spherical loss module, checked once at construction."""
+
+    def __init__(self, kind: str = "z", *, a: float = DEFAULT_A, b: float = DEFAULT_B,
+                 eps: float = DEFAULT_EPS, var_eps: float = DEFAULT_VAR_EPS,
+                 ignore_index: int = -100, reduction: str = "mean", check_target: bool = True) -> None:
+        super().__init__()
+        check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
+        self.kind, self.a, self.b, self.eps, self.var_eps = kind, a, b, eps, var_eps
+        self.ignore_index, self.reduction, self.check_target = ignore_index, reduction, check_target
+
+    def _loss_kwargs(self) -> dict:
+        return dict(kind=self.kind, a=self.a, b=self.b, eps=self.eps, var_eps=self.var_eps,
+                    ignore_index=self.ignore_index, reduction=self.reduction, check_target=self.check_target)
+
+    def extra_repr(self) -> str:
+        hyper = f"a={self.a}, b={self.b}, var_eps={self.var_eps}" if self.kind == "z" else f"eps={self.eps}"
+        return f"kind={self.kind!r}, {hyper}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class SphericalLoss(_SphericalLossModule):
+    """Module form of :func:`fusedtrain.spherical_loss`, a drop-in for `nn.CrossEntropyLoss`.
+
+    >>> criterion = fusedtrain.nn.SphericalLoss("z", a=0.05, b=20.0)
+    >>> loss = criterion(logits, target)
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return spherical_loss(logits, target, **self._loss_kwargs())
+
+
+class LinearSphericalLoss(_SphericalLossModule):
+    """Module form of :func:`linear_spherical_loss`:
+    `criterion(input, linear_weight, target, linear_bias=None)`."""
+
+    def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                linear_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_spherical_loss(input, linear_weight, target, linear_bias=linear_bias,
+                                     **self._loss_kwargs())
+
+
+class SphericalHead(LinearSphericalLoss):
+    """A classifier head `o = W·h + bias` trained with a spherical loss through the fused op.
+
+    `head(h, target)` returns the loss; `head.logits(h)` and `head.topk(h, k)` evaluate. The weight's
+    Gram matrix and column sums are cached and reused while `weight` and `bias` are unchanged: same
+    storage and same tensor version (an optimizer's in-place step bumps the version), so
+    gradient-accumulation micro-batches and evaluation compute them once per optimizer step.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, kind: str = "z", *,
+                 device=None, dtype=None, **loss_kwargs) -> None:
+        super().__init__(kind, **loss_kwargs)
+        layer = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.weight = layer.weight  # nn.Linear's initialization
+        self.bias = layer.bias
+        self.in_features, self.num_classes = in_features, num_classes
+        self._stats: LinearStats | None = None
+        self._stats_key = None
+
+    def _key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None
+                     for t in (self.weight, self.bias))
+
+    def stats(self) -> LinearStats:
+        """The cached (gram, colsum), recomputed when the weight or bias changed."""
+        key = self._key()
+        if self._stats is None or key != self._stats_key:
+            self._stats = linear_spherical_stats(self.weight, self.bias)
+            self._stats_key = key
+        return self._stats
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        stats = None if torch.compiler.is_compiling() else self.stats()
+        return linear_spherical_loss(input, self.weight, target, linear_bias=self.bias, stats=stats,
+                                     **self._loss_kwargs())
+
+    def logits(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+    def topk(self, input: torch.Tensor, k: int, *, chunk: int = 8192) -> TopK:
+        return linear_topk(input, self.weight, k, linear_bias=self.bias, chunk=chunk)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.bias is not None}, {super().extra_repr()}")
