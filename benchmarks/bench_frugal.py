@@ -12,18 +12,17 @@ Run: `python -m fusedtrain bench --family frugal [--device cpu|cuda] [--quick]`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fusedtrain import _backend
 from fusedtrain.optim import FRUGAL
 from fusedtrain.reference.frugal import FRUGALReference
 
 if __package__:
     from . import harness
+    from . import plot as _plot
 else:  # run as a script
     from fusedtrain.benchmarks import harness
+    from fusedtrain.benchmarks import plot as _plot
 
 OP = "frugal_step_"
 DENSITY = 0.25
@@ -131,7 +130,7 @@ def _set_rows(name, d_model, layers, dtype_name, device, copy_gbps, kernel, quic
         try:
             row = _measure(impl, proj, make, shapes, dtype, device, copy_gbps)
         except (RuntimeError, ValueError) as exc:  # out of memory included: report, keep the rest
-            row = dict(impl=impl, proj=proj, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            row = dict(impl=impl, proj=proj, note=harness.failure_note(exc))
         row["used_kernel"] = kernel if ours else False
         row["note"] = "; ".join(filter(None, [row.get("note"), note]))
         rows.append(row)
@@ -154,7 +153,7 @@ def _set_rows(name, d_model, layers, dtype_name, device, copy_gbps, kernel, quic
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     env = env or harness.environment(device)
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for(OP)
+    kernel = harness.kernel_built(OP, device)
     sets = CUDA_SETS if device == "cuda" else CPU_SETS
     rows = []
     for name, d_model, layers, dtype_name in (sets[:1] if quick else sets):
@@ -170,9 +169,6 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         return next((r for r in rows if r["set"] == "d1024x4" and r["dtype"] == "float32" and r["impl"] == impl
                      and r["median_ms"] is not None), None)
 
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "NOT MET"
-
     ours = find("ours")
     if ours is None:
         return []
@@ -183,57 +179,27 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
             if other:
                 s = other["median_ms"] / ours["median_ms"]
                 lines.append(f"CPU 50.3M fp32, density 0.25, columns: ours {ours['median_ms']:.1f} ms, {s:.2f}x faster "
-                             f"than {base} ({other['median_ms']:.1f} ms; target >= {target:g}x): {verdict(s >= target)}")
+                             f"than {base} ({other['median_ms']:.1f} ms; target >= {target:g}x): "
+                             f"{harness.verdict(s >= target)}")
     else:
         fused = find("adamw_fused")
         if fused:
             ratio = ours["median_ms"] / fused["median_ms"]
             lines.append(f"CUDA 50.3M fp32, density 0.25, columns: ours {ours['median_ms']:.3f} ms = {ratio:.2f}x the time "
-                         f"of AdamW(fused=True) {fused['median_ms']:.3f} ms (target <= 0.7x): {verdict(ratio <= 0.7)}")
+                         f"of AdamW(fused=True) {fused['median_ms']:.3f} ms (target <= 0.7x): "
+                         f"{harness.verdict(ratio <= 0.7)}")
     if ours.get("state_vs_adamw") is not None:
         s = ours["state_vs_adamw"]
         lines.append(f"optimizer state: ours {ours['state_mib']:.1f} MiB = {s:.3f}x AdamW's (target <= {DENSITY + 0.01:g}x): "
-                     f"{verdict(s <= DENSITY + 0.01)}")
+                     f"{harness.verdict(s <= DENSITY + 0.01)}")
     return lines
 
 
 def plot(rows: list[dict], path: str, title: str) -> str | None:
     """Median step time per implementation and parameter set (log scale); None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    timed = [r for r in rows if r.get("median_ms")]
-    if not timed:
-        return None
-    cases = list(dict.fromkeys(f"{r['set']} {r['dtype']}" for r in timed))
-    impls = list(dict.fromkeys(r["impl"] for r in timed))
-    median = {(r["impl"], f"{r['set']} {r['dtype']}"): r["median_ms"] for r in timed}
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(cases)), 4.5))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        xs = [j + i * width for j, c in enumerate(cases) if (impl, c) in median]
-        ys = [median[impl, c] for c in cases if (impl, c) in median]
-        bars = ax.bar(xs, ys, width, label=impl)
-        ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=6, rotation=90, padding=2)
-    ax.set_yscale("log")
-    ax.set_ylim(10 ** math.floor(math.log10(min(median.values())) - 0.5), max(median.values()) * 30)
-    ax.set_ylabel("optimizer step median (ms, log scale)")
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))])
-    ax.set_xticklabels(cases, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=min(len(impls), 4), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plot.bar_chart(rows, lambda r: f"{r['set']} {r['dtype']}", path, title,
+                           ylabel="optimizer step median (ms, log scale)", case_width=2.5)
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fusedtrain.benchmarks import run as _run
-
-    raise SystemExit(_run.main(["--family", "frugal", *sys.argv[1:]]))
+    raise SystemExit(harness.run_as_script("frugal"))

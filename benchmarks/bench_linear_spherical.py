@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 import fusedtrain
-from fusedtrain import _backend
 
 if __package__:
     from . import harness
@@ -125,7 +124,7 @@ def _shape_rows(n, d, D, dtype_name, baselines, device, gemm) -> list[dict]:
     w0 = (torch.randn(D, d, generator=gen, device=device, dtype=dtype) / d**0.5)
     t = torch.randint(0, D, (n,), generator=gen, device=device)
     stats = fusedtrain.linear_spherical_stats(w0)
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for(OP)
+    kernel = harness.kernel_built(OP, device)
     rows = []
     for impl, fn in _implementations(device, baselines, stats).items():
         row = dict.fromkeys(ROW_FIELDS)
@@ -147,7 +146,7 @@ def _shape_rows(n, d, D, dtype_name, baselines, device, gemm) -> list[dict]:
             m = harness.measure(lambda: fn(h, w, t).backward(), device=device, warmup=warmup, repeats=repeats,
                                 setup=clear)
         except (RuntimeError, ValueError) as exc:  # out of memory included: reported, the rest goes on
-            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row["note"] = harness.failure_note(exc)
             del h, w
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -189,21 +188,18 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         return next((r for r in rows if (r["N"], r["d"], r["D"], r["dtype"], r["impl"]) == (n, d, D, dtype, impl)
                      and r["median_ms"] is not None), None)
 
-    def verdict(ok):
-        return "MET" if ok else "NOT MET"
-
     lines = []
     if device == "cpu":
         ours = find(8192, 256, 65536, "float32", "ours")
         if ours and ours["speedup_vs_cross_entropy"]:
             s = ours["speedup_vs_cross_entropy"]
             lines.append(f"CPU 8192x256 -> 65536 float32 fwd+bwd: ours {s:.1f}x faster than eager F.linear + "
-                         f"F.cross_entropy (target >= 10x): {verdict(s >= 10)}")
+                         f"F.cross_entropy (target >= 10x): {harness.verdict(s >= 10)}")
         mem = find(8192, 64, 262144, "float32", "ours")
         if mem:
             lines.append(f"CPU 8192x64 -> 262144 float32 fwd+bwd: peak extra memory {mem['peak_extra_mib']:.0f} "
                          f"MiB (logits would be 8192 MiB; target < 1024 MiB): "
-                         f"{verdict(mem['peak_extra_mib'] < 1024)}")
+                         f"{harness.verdict(mem['peak_extra_mib'] < 1024)}")
     else:
         ours = find(16384, 4096, 131072, "bfloat16", "ours")
         if ours:
@@ -211,8 +207,7 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
                 other = find(16384, 4096, 131072, "bfloat16", base)
                 if other:
                     s = other["median_ms"] / ours["median_ms"]
-                    lines.append(f"CUDA 16384x4096 -> 131072 bf16 fwd+bwd: ours {s:.2f}x faster than {base} "
-                                 f"(target >= {target:g}x): {verdict(s >= target)}")
+                    lines.append(harness.speedup_line("CUDA 16384x4096 -> 131072 bf16 fwd+bwd", s, base, target))
             lines.append(f"CUDA 16384x4096 -> 131072 bf16: ours peak extra {ours['peak_extra_mib']:.0f} MiB "
                          f"(N·d + d² terms; the weight gradient alone is "
                          f"{131072 * 4096 * 2 / 2**20:.0f} MiB)")
@@ -220,8 +215,4 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fusedtrain.benchmarks import run as _run
-
-    raise SystemExit(_run.main(["--family", "linear", *sys.argv[1:]]))
+    raise SystemExit(harness.run_as_script("linear"))

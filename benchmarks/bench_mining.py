@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 import fusedtrain
-from fusedtrain import _backend
 from fusedtrain.reference import mining as reference
 
 if __package__:
@@ -46,13 +45,11 @@ TABLE = [("B", "B"), ("M", "M"), ("d", "d"), ("dtype", "dtype"), ("impl", "impl"
 
 def _pml():
     """PML's miner + loss as one step function, or why it is unavailable (a string)."""
-    try:
-        import pytorch_metric_learning
-        from pytorch_metric_learning import losses, miners
-    except ModuleNotFoundError:
-        return "pytorch-metric-learning not installed"
-    except Exception as exc:  # noqa: BLE001 - a broken install is reported, not fatal
-        return f"pytorch-metric-learning import failed ({type(exc).__name__}: {exc})"
+    pml = harness.optional_import("pytorch-metric-learning", "pytorch_metric_learning",
+                                  "pytorch_metric_learning.losses", "pytorch_metric_learning.miners")
+    if isinstance(pml, str):
+        return pml
+    pytorch_metric_learning, losses, miners = pml
     miner, loss_fn = miners.MultiSimilarityMiner(0.1), losses.MultiSimilarityLoss()
     note = f"pytorch-metric-learning {pytorch_metric_learning.__version__}"
 
@@ -97,7 +94,7 @@ def _shape_rows(B, M, d, impls, device) -> list[dict]:
     r = None if in_batch else torch.randn(M, d, generator=gen, device=device)
     rl = None if in_batch else torch.randint(0, classes, (M,), generator=gen, device=device)
     M_eff = B if in_batch else M
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for(OP)
+    kernel = harness.kernel_built(OP, device)
     x = x0.clone().requires_grad_()
 
     def clear():
@@ -115,7 +112,7 @@ def _shape_rows(B, M, d, impls, device) -> list[dict]:
             m = harness.measure(lambda: fn(x, labels, r, rl).backward(), device=device, warmup=warmup,
                                 repeats=repeats, setup=clear)
         except (RuntimeError, MemoryError) as exc:  # out of memory included: report, keep the other rows
-            rows.append(_row(**base, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            rows.append(_row(**base, note=harness.failure_note(exc)))
             if device == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -127,6 +124,7 @@ def _shape_rows(B, M, d, impls, device) -> list[dict]:
                          tflops=flops / (m.median_ms * 1e-3) / 1e12, used_kernel=kernel if impl == "ours" else False,
                          note=note))
     pml = next((row for row in rows if row["impl"] == "pml" and row["median_ms"] is not None), None)
+
     for row in rows:
         if pml and row["median_ms"] is not None:
             row["speedup_vs_pml"] = pml["median_ms"] / row["median_ms"]
@@ -165,9 +163,6 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         return next((r for r in rows if (r["B"], r["M"], r["d"], r["impl"]) == (B, M, d, impl)
                      and r["median_ms"] is not None), None)
 
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "NOT MET"
-
     lines = []
     if device == "cpu":
         shape, speed, memory = (4096, 4096, 256), 5.0, 20.0
@@ -177,20 +172,17 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
     label = f"{device.upper()} B={shape[0]} in-batch d={shape[2]} float32 mining+loss fwd+bwd"
     if ours and ours["speedup_vs_pml"] is not None:
         s = ours["speedup_vs_pml"]
-        lines.append(f"{label}: {s:.1f}x faster than PML (target >= {speed:g}x): {verdict(s >= speed)}")
+        lines.append(f"{label}: {s:.1f}x faster than PML (target >= {speed:g}x): {harness.verdict(s >= speed)}")
     if ours and ours["memory_ratio_vs_pml"] is not None:
         q = ours["memory_ratio_vs_pml"]
         lines.append(f"{label}: {ours['peak_extra_mib']:.0f} MiB extra vs PML's "
-                     f"{q * ours['peak_extra_mib']:.0f} MiB = 1/{q:.0f} (target <= 1/{memory:g}): {verdict(q >= memory)}")
+                     f"{q * ours['peak_extra_mib']:.0f} MiB = 1/{q:.0f} (target <= 1/{memory:g}): "
+                     f"{harness.verdict(q >= memory)}")
     if device == "cuda":
         big = find(65536, 65536, 512, "ours")
-        lines.append(f"CUDA B=65536 in-batch d=512 runs: {verdict(big is not None)}")
+        lines.append(f"CUDA B=65536 in-batch d=512 runs: {harness.verdict(big is not None)}")
     return lines
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fusedtrain.benchmarks import run as _run
-
-    raise SystemExit(_run.main(["--family", "mining", *sys.argv[1:]]))
+    raise SystemExit(harness.run_as_script("mining"))

@@ -14,7 +14,9 @@ import math
 
 import torch
 
-from fusedtrain import _backend, sae
+from fusedtrain import sae
+from fusedtrain.sae.codec import encode_with_cutoff
+from fusedtrain.sae.routing import route
 
 if __package__:
     from . import harness
@@ -77,7 +79,7 @@ def _steps(routing, x, p, k):
     param = _routing_param(routing, B, F, k)
 
     def ours():
-        acts = sae._encode(x, p["W_enc"], p["b_enc"], p["b_dec"], routing, param)[0]
+        acts = encode_with_cutoff(x, p["W_enc"], p["b_enc"], p["b_dec"], routing, param)[0]
         out = sae.sparse_decode(acts, p["W_dec"], p["b_dec"], check_indices=False)
         (out - x).pow(2).sum().backward()
 
@@ -121,7 +123,7 @@ def _measure(fn, device, copy_gbps, bytes_read=None, **fields) -> dict:
     except RuntimeError as exc:  # out of memory included: report it, keep the other rows
         if device == "cuda":
             torch.cuda.empty_cache()
-        return _row(note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", **fields)
+        return _row(note=harness.failure_note(exc), **fields)
     gbps = bytes_read / (m.median_ms * 1e-3) / 1e9 if bytes_read else None
     return _row(median_ms=m.median_ms, p20_ms=m.p20_ms, p80_ms=m.p80_ms, peak_extra_mib=m.peak_extra_mib,
                 repeats=m.repeats, gbps=gbps, fraction_of_copy_bw=gbps / copy_gbps if gbps else None, **fields)
@@ -156,7 +158,7 @@ def _shape_rows(B, d, F, k, dtype_name, device, copy_gbps, kernel, quick):
         bytes_read = pre.numel() * pre.element_size()
         for routing in ROUTINGS:
             param = _routing_param(routing, B, F, k)
-            rows.append(_measure(lambda: sae._route(pre, routing, param), device, copy_gbps, bytes_read,
+            rows.append(_measure(lambda: route(pre, routing, param), device, copy_gbps, bytes_read,
                                  impl="ours", routing=routing, pass_="route", used_kernel=kernel, **shape))
             rows.append(_measure(lambda: _dense_route(pre, routing, param), device, copy_gbps, bytes_read,
                                  impl="reference", routing=routing, pass_="route", **shape))
@@ -188,7 +190,7 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
         shapes = shapes[:1]
     env = env or harness.environment(device)
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for("sae_encode")
+    kernel = harness.kernel_built("sae_encode", device)
     rows = []
     for shape in shapes:
         rows += _shape_rows(*shape, device, copy_gbps, kernel, quick)
@@ -209,9 +211,6 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         return next((r for r in rows if (r["B"], r["d"], r["F"], r["k"], r["dtype"]) == shape and
                      (r["impl"], r["routing"], r["pass"]) == (impl, routing, "step") and r["median_ms"]), None)
 
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "NOT MET"
-
     lines = []
     label = "CPU" if device == "cpu" else "CUDA"
     name = "x".join(str(v) for v in shape[:4]) + " " + shape[4]
@@ -221,8 +220,7 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
     base, target = ("reference", 2.0) if device == "cpu" else ("sparsify", 1.3)
     s = ours[f"speedup_vs_{base}"]
     if s is not None:
-        lines.append(f"{label} {name} TopK step: ours {s:.2f}x faster than {base} (target >= {target:g}x): "
-                     f"{verdict(s >= target)}")
+        lines.append(harness.speedup_line(f"{label} {name} TopK step", s, base, target))
     else:
         lines.append(f"{label} {name} TopK step: no {base} measurement (not installed?)")
     limit = 1.5 if device == "cpu" else 1.25
@@ -230,13 +228,9 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         r = find("ours", routing)
         if r and r["ratio_vs_ours_topk"] is not None:
             lines.append(f"{label} {name} {routing} step: {r['ratio_vs_ours_topk']:.2f}x our TopK step "
-                         f"(target <= {limit:g}x): {verdict(r['ratio_vs_ours_topk'] <= limit)}")
+                         f"(target <= {limit:g}x): {harness.verdict(r['ratio_vs_ours_topk'] <= limit)}")
     return lines
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fusedtrain.benchmarks import run as _run
-
-    raise SystemExit(_run.main(["--family", "sae", *sys.argv[1:]]))
+    raise SystemExit(harness.run_as_script("sae"))

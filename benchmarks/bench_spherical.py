@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import fusedtrain
-from fusedtrain import _backend
 from fusedtrain.reference.spherical import spherical_loss as reference_loss
 
 if __package__:
@@ -48,15 +47,13 @@ ROW_FIELDS = ["family", "op", "impl", "kind", "N", "D", "dtype", "device_name", 
 
 def _liger():
     """Liger's functional cross-entropy, or why it is unavailable (a string)."""
-    try:
-        from liger_kernel.transformers.functional import liger_cross_entropy
-    except ModuleNotFoundError:
-        return "liger_kernel not installed"
-    except Exception as exc:  # noqa: BLE001 - a broken install is reported, not fatal
-        return f"liger_kernel import failed ({type(exc).__name__}: {exc})"
+    liger = harness.optional_import("liger_kernel", "liger_kernel.transformers.functional")
+    if isinstance(liger, str):
+        return liger
+    (functional,) = liger
 
     def loss(x, t):
-        out = liger_cross_entropy(x, t)
+        out = functional.liger_cross_entropy(x, t)
         return out[0] if isinstance(out, tuple) else out  # some versions also return z_loss
     return loss
 
@@ -128,7 +125,7 @@ def _impl_rows(impl: str, fn, logits, target, device: str, copy_gbps: float, use
     try:
         measured = _measure_impl(fn, logits, target, device, warmup, repeats, in_place=impl == "liger")
     except RuntimeError as exc:  # out of memory included: report it, keep the other rows
-        failure = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        failure = harness.failure_note(exc, width=200)
     else:
         failure = None
     if failure:
@@ -197,7 +194,7 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
         shapes = CPU_QUICK if quick else CPU_SHAPES
     env = env or harness.environment(device)
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
-    kernel = ("CUDA" if device == "cuda" else "CPU") in _backend.backends_for(OP)
+    kernel = harness.kernel_built(OP, device)
     rows = []
     for n, d, dtype_name, kinds in shapes:
         rows += _shape_rows(n, d, dtype_name, kinds, device, copy_gbps, kernel)
@@ -216,17 +213,13 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
         return next((r for r in rows if (r["N"], r["D"], r["dtype"], r["impl"], r["pass"], r["kind"]) ==
                      (n, d, dtype, impl, "fwd+bwd", "z") and r["median_ms"] is not None), None)
 
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "NOT MET"
-
     lines = []
     if device == "cpu":
         ours = find(4096, 32768, "float32", "ours")
         for base, target in (("cross_entropy", 2.0), ("reference", 3.0)):
             s = ours and ours[f"speedup_vs_{base}"]
             if s is not None:
-                lines.append(f"CPU 4096x32768 float32 z fwd+bwd: ours {s:.2f}x faster than {base} "
-                             f"(target >= {target:g}x): {verdict(s >= target)}")
+                lines.append(harness.speedup_line("CPU 4096x32768 float32 z fwd+bwd", s, base, target))
     else:
         for impl in ("ours", "ours_unchecked"):
             ours = find(8192, 131072, "bfloat16", impl)
@@ -234,13 +227,9 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
                 f = ours["fraction_of_copy_bw"]
                 lines.append(f"CUDA 8192x131072 bfloat16 z fwd+bwd: {impl} {ours['gbps']:.0f} GB/s = {f:.1%} "
                              f"of measured copy bandwidth {ours['copy_gbps']:.0f} GB/s (target >= 80%): "
-                             f"{verdict(f >= 0.8)}")
+                             f"{harness.verdict(f >= 0.8)}")
     return lines
 
 
 if __name__ == "__main__":
-    import sys
-
-    from fusedtrain.benchmarks import run as _run
-
-    raise SystemExit(_run.main(["--family", "spherical", *sys.argv[1:]]))
+    raise SystemExit(harness.run_as_script("spherical"))

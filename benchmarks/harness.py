@@ -15,6 +15,7 @@ are handed back (`malloc_trim`) before the measured call.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import platform
 import statistics
@@ -66,7 +67,13 @@ def _release_free_heap() -> None:
         pass
 
 
-def _cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
+def cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak resident-set growth of this process during fn(), in MiB (NaN where /proc is missing).
+
+    The CPU measure of `measure` (see the module docstring: RSS sampled every 0.5 ms from a
+    thread, the C heap's free pages handed back first). Public so that tests bound memory with
+    the very quantity the benchmarks report.
+    """
     if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap RSS reading
         return float("nan")
     _release_free_heap()
@@ -141,7 +148,7 @@ def measure(fn: Callable[[], object], *, device: str, warmup: int = 3, repeats: 
     setup = setup or (lambda: None)
     cuda = _is_cuda(device)
     setup()
-    peak = _cuda_peak_extra_mib(fn) if cuda else _cpu_peak_extra_mib(fn)
+    peak = _cuda_peak_extra_mib(fn) if cuda else cpu_peak_extra_mib(fn)
     for _ in range(warmup - 1):
         setup()
         fn()
@@ -238,3 +245,52 @@ def environment(device: str | None = None) -> dict:
         "commit": git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the families' modules
+
+def kernel_built(op: str, device: str) -> bool:
+    """Whether this build of fusedtrain has a compiled `device` kernel for `op` (else the op runs its
+    reference, and the benchmark row says so)."""
+    from fusedtrain._core import backend
+
+    return ("CUDA" if _is_cuda(device) else "CPU") in backend.backends_for(op)
+
+
+def optional_import(label: str, *modules: str):
+    """The imported `modules` (a list), or why they are unavailable (a string, for a row's
+    "skipped: ..." note): `label` not installed, or its import failed (a broken install is
+    reported, not fatal)."""
+    try:
+        return [importlib.import_module(name) for name in modules]
+    except ModuleNotFoundError:
+        return f"{label} not installed"
+    except Exception as exc:  # noqa: BLE001
+        return f"{label} import failed ({type(exc).__name__}: {exc})"
+
+
+def failure_note(exc: BaseException, width: int = 160) -> str:
+    """A row's note for a measurement that raised (out of memory included): the rows go on."""
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:width]}"
+
+
+def verdict(ok: bool) -> str:
+    """An acceptance line's ending."""
+    return "MET" if ok else "NOT MET"
+
+
+def speedup_line(what: str, speedup: float, base: str, target: float) -> str:
+    """An acceptance line for a speedup of ours over `base` against a target factor."""
+    return (f"{what}: ours {speedup:.2f}x faster than {base} (target >= {target:g}x): "
+            f"{verdict(speedup >= target)}")
+
+
+def run_as_script(family: str) -> int:
+    """A family's module run as a script: `python -m fusedtrain bench --family <family>` with
+    the script's own options."""
+    import sys
+
+    from . import run
+
+    return run.main(["--family", family, *sys.argv[1:]])

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 
 import pytest
 import torch
 
-import fusedtrain
-
-HAS_CUDA = torch.cuda.is_available()
+from utils import HAS_CUDA, kernels_built
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -38,12 +35,6 @@ def _seed(request):
     torch.manual_seed(zlib.crc32((salt + request.node.nodeid).encode()))
 
 
-def kernels_built(device: str, op: str = "spherical_loss") -> bool:
-    """Whether a compiled kernel serves `op` on `device` (else the reference runs)."""
-    key = "CUDA" if device == "cuda" else "CPU"
-    return key in fusedtrain._core.backend.backends_for(op)
-
-
 @pytest.fixture
 def needs_kernels(device, request):
     """Skips unless a compiled kernel serves the test module's KERNEL_OP (default spherical_loss)."""
@@ -51,13 +42,3 @@ def needs_kernels(device, request):
     if not kernels_built(device, op):
         pytest.skip(f"no compiled {device} kernel for {op} in this build")
 
-
-def cpu_peak_extra_mib(fn) -> float:
-    """Peak resident-set growth of the process during fn(), in MiB: the benchmark harness's
-    measurement (benchmarks/harness.py), so tests and benchmarks report the same quantity."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        from benchmarks import harness
-    finally:
-        sys.path.pop(0)
-    return harness._cpu_peak_extra_mib(fn)

@@ -14,6 +14,8 @@ import torch
 from fusedtrain import sae
 from fusedtrain.reference import sae as ref
 
+from utils import rel_err
+
 
 def _same_csr(acts, pre, routing, param, theta=None) -> None:
     row_ptr, feature, value = ref.csr_from_dense(pre, ref.route_mask(pre, routing, param, theta))
@@ -85,7 +87,7 @@ def decode_case(B: int, d: int, F: int, dtype: torch.dtype) -> None:
     expected.backward(grad.double())
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for a, b in ((out, expected), (value.grad, v64.grad), (W_dec.grad, W64.grad), (b_dec.grad, b64.grad)):
-        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        err = rel_err(a, b)
         assert err < tol, (B, d, F, dtype, err)
 
 

@@ -8,14 +8,14 @@ CrossBatchMemory across wrap-around. Every test runs on "cpu" and (marked `cuda`
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from fusedtrain import mining as fm
 from fusedtrain.reference import mining as ref
 
-from conftest import cpu_peak_extra_mib, kernels_built
+from fusedtrain.benchmarks.harness import cpu_peak_extra_mib
+from utils import assert_compiles_like_eager, dtype_tolerances, kernels_built
 
 try:
     import pytorch_metric_learning
@@ -31,7 +31,7 @@ needs_pml = pytest.mark.skipif(not HAS_PML, reason="pytorch-metric-learning 2.9.
 # (B, M, d, classes): odd sizes, a single row, rows longer than 256 threads (CUDA: several columns
 # per thread), few classes (many positives) and many (rows without positives).
 SHAPES = [(1, 1, 3, 2), (7, 5, 1, 3), (33, 40, 16, 4), (64, 300, 9, 50), (130, 129, 33, 7)]
-DTYPE_TOL = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 2e-5, id="fp32")]
+DTYPE_TOL = dtype_tolerances(fp32=2e-5)
 
 
 KERNEL_OP = "multi_similarity_loss"  # what the needs_kernels fixture (conftest) checks
@@ -58,11 +58,6 @@ def make_case(B, M, d, classes, device, dtype=torch.float64, *, with_ref=True):
     r = torch.randn(M, d, dtype=torch.float64).to(device=device, dtype=dtype)
     ref_labels = torch.randint(0, classes, (M,), device=device)
     return x, labels, r, ref_labels
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
 def loss_and_grads(fn, x, labels, r, rl, ref_grad, **kw):
@@ -356,15 +351,7 @@ def test_torch_compile(device, needs_kernels):
     def step(a, b):
         return fm.multi_similarity_loss(a, labels, b, rl) + fm.tcm_loss(a, labels, b, rl)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    xa, ra = x.clone().requires_grad_(), r.clone().requires_grad_()
-    xb, rb = x.clone().requires_grad_(), r.clone().requires_grad_()
-    la, lb = step(xa, ra), compiled(xb, rb)
-    la.backward()
-    lb.backward()
-    torch.testing.assert_close(la, lb)
-    torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ra.grad, rb.grad)
+    assert_compiles_like_eager(step, [x, r])
 
 
 @pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])

@@ -10,7 +10,7 @@ import fusedtrain
 from fusedtrain import sae
 from fusedtrain._core import backend
 
-from conftest import kernels_built
+from utils import kernels_built
 
 
 def _linear(device):

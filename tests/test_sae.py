@@ -18,7 +18,7 @@ from fusedtrain.sae.codec import encode_with_cutoff
 from fusedtrain.sae.routing import reference_cutoff
 from fusedtrain.reference import sae as ref
 
-from conftest import HAS_CUDA
+from utils import HAS_CUDA, assert_compiles_like_eager, rel_err
 
 OPS = torch.ops.fusedtrain
 
@@ -372,11 +372,7 @@ def _decode_errors(acts, value, W_dec, b_dec, grad, F):
     ours = run(lambda v, W, b: sae.sparse_decode(sae.SparseActs(acts.row_ptr, acts.feature, v), W, b), value.dtype)
     torch_same_dtype = run(dense, value.dtype)
     exact = run(dense, torch.float64)
-
-    def err(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
-
-    return [err(o, e) for o, e in zip(ours, exact)], [err(t, e) for t, e in zip(torch_same_dtype, exact)]
+    return [rel_err(o, e) for o, e in zip(ours, exact)], [rel_err(t, e) for t, e in zip(torch_same_dtype, exact)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -483,44 +479,24 @@ def test_opcheck(device, needs_kernels):
 def test_torch_compile_decode(device, needs_kernels):
     x, W_enc, b_enc, b_dec, W_dec = make_sae(16, 8, 40, device, torch.float32)
     acts = sae.topk_route((x - b_dec) @ W_enc + b_enc, 4)
-    W = W_dec.requires_grad_()
 
     def step(value, W):
         out = sae.sparse_decode(sae.SparseActs(acts.row_ptr, acts.feature, value), W, b_dec, check_indices=False)
         return out.pow(2).sum()
 
-    value = acts.value.detach().requires_grad_()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(value, W)
-    loss.backward()
-    g_value, g_W = value.grad.clone(), W.grad.clone()
-    value.grad = W.grad = None
-    step(value, W).backward()
-    torch.testing.assert_close(g_value, value.grad)
-    torch.testing.assert_close(g_W, W.grad)
+    assert_compiles_like_eager(step, [acts.value, W_dec])
 
 
 @pytest.mark.parametrize("routing,param", [("topk", 4), ("feature_choice", 2), ("mutual_choice", 100)])
 def test_torch_compile_fused_step(device, needs_kernels, routing, param):
     """The whole fused step under torch.compile(fullgraph=True): the routing's output size depends on
     the data, which dynamo captures with capture_dynamic_output_shape_ops."""
-    params = [p.requires_grad_() for p in make_sae(32, 16, 64, device, torch.float32)]
-    x, W_enc, b_enc, b_dec, W_dec = params
-
     def step(x, W_enc, b_enc, b_dec, W_dec):
         acts = encode_with_cutoff(x, W_enc, b_enc, b_dec, routing, param)[0]
         return (sae.sparse_decode(acts, W_dec, b_dec, check_indices=False) - x).pow(2).sum()
 
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*params)
-    loss.backward()
-    compiled_grads = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    torch.testing.assert_close(loss, step(*params))
-    step(*params).backward()
-    for a, p in zip(compiled_grads, params):
-        torch.testing.assert_close(a, p.grad)
+        assert_compiles_like_eager(step, make_sae(32, 16, 64, device, torch.float32))
 
 
 def test_torch_compile_topk_dense(device, needs_kernels):
