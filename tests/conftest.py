@@ -42,3 +42,16 @@ def needs_kernels(device, request):
     if not kernels_built(device, op):
         pytest.skip(f"no compiled {device} kernel for {op} in this build")
 
+
+@pytest.fixture(params=[None, 97], ids=["one_tile", "small_tiles"])
+def tiles(request):
+    """Mining ops: default tiles, or tiles of 97 elements (one row a tile for M > 48), so that row
+    chunk edges fall everywhere."""
+    if request.param is None or not hasattr(torch.ops.fusedtrain, "_mining_tile_elements"):
+        yield
+        return
+    previous = torch.ops.fusedtrain._mining_tile_elements(request.param)
+    try:
+        yield
+    finally:
+        torch.ops.fusedtrain._mining_tile_elements(previous)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fusedtrain
 from fusedtrain.reference.spherical import spherical_loss as reference
 
+from spherical_helpers import make_case
 from utils import (HAS_CUDA, assert_compiles_like_eager, dtype_tolerances, kernels_built,
                    nan_filled_allocations, rel_err)
 
@@ -37,24 +38,6 @@ LARGE = (64, 70000)
 # fp32 kernels accumulate in fp32 over at most 7e4 terms against the fp64 reference on the same
 # (upcast) inputs; 1e-5 is the project's bar, well above that rounding.
 TOLERANCES = dtype_tolerances(fp32=1e-5)
-
-
-def make_case(n, d, device, dtype=torch.float32, *, ignore=True, scale=2.0):
-    """Random logits (drawn in fp64, then rounded to `dtype`) and targets, row 1 ignored."""
-    logits = torch.randn(n, d, dtype=torch.float64) * scale
-    if d <= 2:
-        # At D = 1 the spherical loss is log(o² + eps) − log(o² + eps) ≡ 0, its gradient the sum of
-        # ±2o/(o² + eps) ~ ±2/o; at D = 2 the Z-loss gradient cancels terms ~ 1/|o_1 − o_2|. Exact
-        # zeros are compared in absolute terms (check_against_reference), which is only meaningful
-        # when the cancelling terms are O(1): keep |o| and |o_1 − o_2| >= 0.5 there.
-        away = 0.5 + torch.randn(n, d, dtype=torch.float64).abs() * scale
-        sign = torch.randint(0, 2, (n, d), dtype=torch.float64) * 2 - 1
-        logits = (away * sign).cumsum(dim=1)  # |o_1| >= 0.5 and |o_2 − o_1| >= 0.5
-    logits = logits.to(device=device, dtype=dtype)
-    target = torch.randint(0, d, (n,), device=device)
-    if ignore and n > 2:
-        target[1] = -100
-    return logits, target
 
 
 def random_scalar(device) -> torch.Tensor:
@@ -519,102 +502,6 @@ def test_torch_compile_fullgraph(device, needs_kernels, backend):
     x64 = logits.double().requires_grad_()
     loss_fn(x64, target, reference).backward()
     assert rel_err(grad, x64.grad) < 1e-5
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input
-
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda d: (torch.randn(4, 5, device=d), torch.zeros(4, dtype=torch.int32, device=d)), "target"),
-        (lambda d: (torch.randn(4, 5, device=d), torch.zeros(4, device=d)), "target"),
-        (lambda d: (torch.zeros(4, 5, dtype=torch.int64, device=d), torch.zeros(4, dtype=torch.long, device=d)), "logits"),
-        (lambda d: (torch.randn(4, 5, device=d), torch.zeros(3, dtype=torch.long, device=d)), "target"),
-        (lambda d: (torch.randn(4, 5, 2, device=d), torch.zeros(4, dtype=torch.long, device=d)), "target"),
-        (lambda d: (torch.randn(5, device=d), torch.zeros(5, dtype=torch.long, device=d)), "logits"),
-        (lambda d: (torch.randn(4, 0, device=d), torch.zeros(4, dtype=torch.long, device=d)), "logits"),
-    ],
-    ids=["target-int32", "target-float", "logits-int64", "target-shape", "target-shape-3d", "logits-1d",
-         "zero-classes"],
-)
-def test_bad_tensors_raise_naming_the_argument(device, make, match):
-    logits, target = make(device)
-    with pytest.raises((TypeError, ValueError), match=match):
-        fusedtrain.spherical_loss(logits, target)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [({"kind": "softmax"}, "kind"), ({"kind": "z_loss"}, "kind"), ({"reduction": "avg"}, "reduction"),
-     ({"reduction": None}, "reduction"), ({"a": 0.0}, "a must"), ({"a": -1.0}, "a must"),
-     ({"a": float("nan")}, "a must"), ({"b": float("inf")}, "b must"), ({"b": float("nan")}, "b must"),
-     ({"kind": "spherical", "eps": 0.0}, "eps"), ({"kind": "spherical", "eps": -1e-6}, "eps"),
-     ({"kind": "spherical", "eps": float("nan")}, "eps"), ({"var_eps": -1.0}, "var_eps"),
-     ({"var_eps": float("nan")}, "var_eps"), ({"ignore_index": 1.5}, "ignore_index")],
-    ids=lambda v: repr(v) if isinstance(v, dict) else None,
-)
-def test_bad_hyperparameters_raise(device, kwargs, match):
-    # "z_loss" is deliberately not a kind: elsewhere it names the unrelated logsumexp² penalty.
-    logits, target = make_case(4, 5, device)
-    with pytest.raises((TypeError, ValueError), match=match):
-        fusedtrain.spherical_loss(logits, target, **kwargs)
-
-
-def test_module_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="kind"):
-        fusedtrain.nn.SphericalLoss("softmax")
-    with pytest.raises(ValueError, match="reduction"):
-        fusedtrain.nn.SphericalLoss("z", reduction="avg")
-
-
-_OP_DEFAULTS = dict(kind="z", a=0.05, b=20.0, eps=1e-6, var_eps=1e-6, ignore_index=-100,
-                    reduction="mean", compute_grad=False, check_target=True)
-
-
-@pytest.mark.parametrize(
-    "change, match",
-    [({"logits": lambda d: torch.randn(4, 0, device=d)}, "logits"),
-     ({"logits": lambda d: torch.randn(4, device=d)}, "logits"),
-     ({"logits": lambda d: torch.randn(4, 5, 2, device=d)}, "logits"),
-     ({"logits": lambda d: torch.zeros(4, 5, dtype=torch.long, device=d)}, "logits"),
-     ({"target": lambda d: torch.zeros(3, dtype=torch.long, device=d)}, "target"),
-     ({"target": lambda d: torch.zeros(4, dtype=torch.int32, device=d)}, "target"),
-     ({"target": lambda d: torch.tensor([0, 1, 5, 2], device=d)}, "target"),
-     ({"target": lambda d: torch.tensor([0, -3, 1, 2], device=d)}, "target"),
-     ({"kind": "bad"}, "kind"), ({"reduction": "avg"}, "reduction"), ({"a": -1.0}, "a must"),
-     ({"b": float("nan")}, "b must"), ({"kind": "spherical", "eps": 0.0}, "eps"),
-     ({"var_eps": -1.0}, "var_eps")],
-    ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else None,
-)
-def test_compiled_op_checks_arguments_too(device, needs_kernels, change, match):
-    # The C++ op is public (torch.ops.fusedtrain.spherical_loss): it checks on its own.
-    args = dict(logits=torch.randn(4, 5, device=device), target=torch.randint(0, 5, (4,), device=device),
-                **_OP_DEFAULTS)
-    args.update({k: (v(device) if callable(v) else v) for k, v in change.items()})
-    with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
-        torch.ops.fusedtrain.spherical_loss(*args.values())
-
-
-def test_compiled_backward_checks_arguments(device, needs_kernels):
-    logits, target = make_case(4, 5, device)
-    coef = torch.randn(4, 4, device=device)
-    bw = torch.ops.fusedtrain._spherical_loss_backward
-    with pytest.raises((ValueError, RuntimeError), match="coef"):
-        bw(torch.rand(4, device=device), logits, target, coef[:3], -100)
-    with pytest.raises((ValueError, RuntimeError), match="grad_loss"):
-        bw(torch.rand(3, device=device), logits, target, coef, -100)
-    with pytest.raises((ValueError, RuntimeError), match="grad_loss"):
-        torch.ops.fusedtrain._scale_grad_(torch.randn(4, 5, device=device), torch.rand(3, device=device))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_target_on_other_device_raises():
-    with pytest.raises(ValueError, match="target"):
-        fusedtrain.spherical_loss(torch.randn(4, 5, device="cuda"), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="target"):
-        fusedtrain.spherical_loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="cuda"))
 
 
 # ---------------------------------------------------------------------------------------------
