@@ -1,5 +1,5 @@
 """FRUGAL optimizer and its fused step op against torch.optim.AdamW, signSGD and the pure-PyTorch
-reference (fusedtrain.reference.frugal), plus state_dict resume, state bytes, amp and errors.
+reference (fusedtrain.reference.frugal, i.e. fusedtrain.optim.reference), plus state_dict resume, state bytes, amp and errors.
 
 Every test runs on "cpu" and (marked `cuda`, skipped without a GPU) on "cuda" with the same
 assertions. Gradients of the long runs are drawn independently of the weights (a fixed stream of
