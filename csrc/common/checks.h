@@ -84,4 +84,11 @@ inline void check_finite(double value, const char* name) {
   FT_CHECK_VALUE(std::isfinite(value), name, " must be a finite number, got ", value);
 }
 
+// A 2-D tensor whose rows the kernels can walk with unit stride: `t` itself when its rows already
+// are (any row stride; a row of at most one element is unit-stride whatever its stride), else a
+// contiguous copy.
+inline at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
 }  // namespace fusedtrain

@@ -6,14 +6,16 @@
 // Decode and the backward products touch the kept entries only, accumulating in fp32 (fp64 for
 // fp64), and aggregate per feature in a fixed order (deterministic).
 #include "sae.h"
+
+#include "../common/backend.h"
 #include "../common/checks.h"
-#include "../common/cpu_utils.h"
+#include "../common/cpu/memory.h"
+#include "../common/cpu/simd.h"
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <functional>
@@ -79,56 +81,17 @@ struct TopSelector {
 // block maxima of select_row_by_block_max below.
 constexpr int kScanVecs = 4;
 
-// `vec_width<acc>` entries converted to acc. bf16 widens by a shift (exact, NaN kept), which the
-// compiler vectorizes where the generic element-wise conversion would not.
-template <typename acc, typename scalar_t>
-FT_ALWAYS_INLINE cpu::vec_t<acc> load_keys(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
-    u16x8 h;
-    std::memcpy(&h, p, sizeof(h));
-    const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-    cpu::vec_t<float> v;
-    std::memcpy(&v, &w, sizeof(v));
-    return v;
-  } else {
-    return cpu::load_vec<acc>(p);
-  }
-}
-
-template <typename acc>
-FT_ALWAYS_INLINE cpu::vec_t<acc> broadcast(acc t) {
-  cpu::vec_t<acc> v;
-  for (int j = 0; j < cpu::vec_width<acc>; ++j) v[j] = t;
-  return v;
-}
-
-// Whether any lane of a 32-byte comparison mask is set (one OR-reduce, no per-lane extraction).
-template <typename M>
-FT_ALWAYS_INLINE bool any_lane(const M& m) {
-  uint64_t lanes[4];
-  static_assert(sizeof(m) == sizeof(lanes), "32-byte mask");
-  std::memcpy(lanes, &m, sizeof(lanes));
-  return ((lanes[0] | lanes[1]) | (lanes[2] | lanes[3])) != 0;
-}
-
-// The lanes of a comparison mask as bits (lane j -> bit j).
-template <typename M>
-FT_ALWAYS_INLINE uint32_t lane_bits(const M& m) {
-  constexpr int W = sizeof(m) / sizeof(m[0]);
-  uint32_t bits = 0;
-  for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << j;
-  return bits;
-}
+using cpu::any_lane;
+using cpu::broadcast;
+using cpu::lane_bits;
 
 // Whether any of the kScanVecs·vec_width entries at p is > t (NaN never is, as in `wants`).
 template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE bool any_above(const scalar_t* p, acc t) {
   constexpr int W = cpu::vec_width<acc>;
   const cpu::vec_t<acc> tv = broadcast(t);
-  auto m = load_keys<acc>(p) > tv;
-  for (int i = 1; i < kScanVecs; ++i) m |= load_keys<acc>(p + i * W) > tv;
+  auto m = cpu::load_vec_by_bits<acc>(p) > tv;
+  for (int i = 1; i < kScanVecs; ++i) m |= cpu::load_vec_by_bits<acc>(p + i * W) > tv;
   return any_lane(m);
 }
 
@@ -140,7 +103,7 @@ FT_ALWAYS_INLINE uint32_t bits_above(const scalar_t* p, acc t) {
   const cpu::vec_t<acc> tv = broadcast(t);
   uint32_t bits = 0;
   for (int i = 0; i < kScanVecs; ++i) {
-    const cpu::vec_t<acc> v = load_keys<acc>(p + i * W);
+    const cpu::vec_t<acc> v = cpu::load_vec_by_bits<acc>(p + i * W);
     const auto m = kInclusive ? v >= tv : v > tv;
     for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m[j] & 1) << (i * W + j);
   }
@@ -153,7 +116,7 @@ FT_ALWAYS_INLINE acc block_max(const scalar_t* p) {
   constexpr int W = cpu::vec_width<acc>;
   cpu::vec_t<acc> mx = broadcast(-std::numeric_limits<acc>::infinity());
   for (int i = 0; i < kScanVecs; ++i) {
-    const cpu::vec_t<acc> v = load_keys<acc>(p + i * W);
+    const cpu::vec_t<acc> v = cpu::load_vec_by_bits<acc>(p + i * W);
     mx = v > mx ? v : mx;
   }
   acc r = mx[0];
@@ -165,8 +128,8 @@ FT_ALWAYS_INLINE acc block_max(const scalar_t* p) {
 template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE uint32_t above_bits(const scalar_t* p, const acc* t) {
   constexpr int W = cpu::vec_width<acc>;
-  const auto m0 = load_keys<acc>(p) > cpu::load_vec<acc>(t);
-  const auto m1 = load_keys<acc>(p + W) > cpu::load_vec<acc>(t + W);
+  const auto m0 = cpu::load_vec_by_bits<acc>(p) > cpu::load_vec<acc>(t);
+  const auto m1 = cpu::load_vec_by_bits<acc>(p + W) > cpu::load_vec<acc>(t + W);
   uint32_t bits = 0;
   for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m0[j] & 1) << j;
   for (int j = 0; j < W; ++j) bits |= static_cast<uint32_t>(m1[j] & 1) << (W + j);
@@ -407,7 +370,7 @@ template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE uint32_t in_bucket_bits(const scalar_t* p, uint32_t bucket) {
   using U = std::conditional_t<sizeof(acc) == 4, uint32_t, uint64_t>;
   typedef U uvec __attribute__((vector_size(32)));
-  const cpu::vec_t<acc> v = load_keys<acc>(p);
+  const cpu::vec_t<acc> v = cpu::load_vec_by_bits<acc>(p);
   uvec u;
   std::memcpy(&u, &v, sizeof(u));
   const auto in = ((u >> (8 * sizeof(acc) - 16)) == static_cast<U>(bucket)) & (v > broadcast(acc(0)));
@@ -495,8 +458,8 @@ void global_cutoff_cpu(const at::Tensor& pre, int64_t budget, const at::Tensor& 
 template <typename acc, typename scalar_t>
 FT_ALWAYS_INLINE uint32_t at_least_bits(const scalar_t* p, const acc* t) {
   constexpr int W = cpu::vec_width<acc>;
-  const auto m0 = load_keys<acc>(p) >= cpu::load_vec<acc>(t);
-  const auto m1 = load_keys<acc>(p + W) >= cpu::load_vec<acc>(t + W);
+  const auto m0 = cpu::load_vec_by_bits<acc>(p) >= cpu::load_vec<acc>(t);
+  const auto m1 = cpu::load_vec_by_bits<acc>(p + W) >= cpu::load_vec<acc>(t + W);
   if (!any_lane(m0 | m1)) return 0;  // the common case: nothing to visit
   return lane_bits(m0) | (lane_bits(m1) << W);
 }
@@ -783,44 +746,12 @@ void segment_sum_cpu(const at::Tensor& col_ptr, const at::Tensor& perm, const at
   });
 }
 
-const Kernels kCpu = {topk_cpu,      column_cutoff_cpu, global_cutoff_cpu, count_kept_cpu, fill_kept_cpu,
-                      gather_rows_cpu, sampled_dot_cpu, segment_sum_cpu};
-
-std::tuple<at::Tensor, at::Tensor> sae_topk_select_cpu(const at::Tensor& pre, int64_t k) {
-  return topk_select(pre, k, kCpu);
-}
-Csr4 sae_route_cpu(const at::Tensor& pre, c10::string_view routing, int64_t k,
-                   const c10::optional<at::Tensor>& theta) {
-  return route(pre, std::string(routing), k, theta, kCpu);
-}
-Csr4 sae_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
-                    c10::string_view routing, int64_t k, const c10::optional<at::Tensor>& theta) {
-  return encode(x, W_enc, b_enc, b_dec, std::string(routing), k, theta, kCpu);
-}
-at::Tensor sae_gather_rows_cpu(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
-                               const at::Tensor& table, const c10::optional<at::Tensor>& bias) {
-  return gather_rows(row_ptr, col, coef, table, bias, kCpu);
-}
-at::Tensor sae_sampled_dot_cpu(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
-                               const at::Tensor& table) {
-  return sampled_dot(row_ptr, col, grad, table, kCpu);
-}
-std::tuple<at::Tensor, at::Tensor> sae_segment_sum_cpu(const at::Tensor& col_ptr, const at::Tensor& perm,
-                                                       const at::Tensor& token, const at::Tensor& coef,
-                                                       const at::Tensor& src) {
-  return segment_sum(col_ptr, perm, token, coef, src, kCpu);
-}
-
 }  // namespace
+
+constexpr Kernels kCpuKernels{
+    topk_cpu, column_cutoff_cpu, global_cutoff_cpu, count_kept_cpu, fill_kept_cpu, gather_rows_cpu, sampled_dot_cpu, segment_sum_cpu, csc_cpu};
+
 }  // namespace sae
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("sae_topk_select", &fusedtrain::sae::sae_topk_select_cpu);
-  m.impl("sae_route", &fusedtrain::sae::sae_route_cpu);
-  m.impl("sae_encode", &fusedtrain::sae::sae_encode_cpu);
-  m.impl("sae_gather_rows", &fusedtrain::sae::sae_gather_rows_cpu);
-  m.impl("_sae_sampled_dot", &fusedtrain::sae::sae_sampled_dot_cpu);
-  m.impl("_sae_segment_sum", &fusedtrain::sae::sae_segment_sum_cpu);
-  m.impl("_sae_csc", &fusedtrain::sae::csc_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::sae::kCpuKernels)

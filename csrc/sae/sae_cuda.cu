@@ -30,15 +30,18 @@
 // warp per stored entry for the sampled dot products, one block a feature for the per-feature sums.
 #include "sae.h"
 
+#include "../common/backend.h"
+
 #include "../common/checks.h"
-#include "../common/cuda_utils.cuh"
+#include "../common/cuda/launch.cuh"
+#include "../common/cuda/reduce.cuh"
+#include "../common/cuda/sort.cuh"
 #include "../common/dispatch.h"
 
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <limits>
 
@@ -46,141 +49,16 @@ namespace fusedtrain {
 namespace sae {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using cuda::kThreads;
+using cuda::kWarps;
+using cuda::block_exclusive_count;
+using cuda::block_exclusive_sum;
+using cuda::block_sum;
+using cuda::key_t;
+using cuda::key_value;
+using cuda::ordered_key;
+using cuda::sort_best_first;
 constexpr int64_t kMaxTopK = 1024;  // TopK entries sorted in shared memory per row
-
-// Order-preserving unsigned keys, on the scalar type's own bits: 16-bit keys for bf16/fp16 (two
-// 8-bit radix passes instead of four), 32 for fp32, 64 for fp64. NaN maps to -inf (as rank_key)
-// and -0 to +0 (equal values, equal keys: ties then go by index, as on the CPU).
-template <typename scalar_t> struct KeyTraits;
-template <> struct KeyTraits<float> {
-  using Key = uint32_t;
-  static constexpr Key kNegInf = 0xFF800000u;
-  __device__ static Key bits(float v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
-  __device__ static float value(Key b) { float v; memcpy(&v, &b, sizeof(v)); return v; }
-};
-template <> struct KeyTraits<double> {
-  using Key = uint64_t;
-  static constexpr Key kNegInf = 0xFFF0000000000000ull;
-  __device__ static Key bits(double v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull; }
-  __device__ static double value(Key b) { double v; memcpy(&v, &b, sizeof(v)); return v; }
-};
-template <> struct KeyTraits<at::BFloat16> {
-  using Key = uint16_t;
-  static constexpr Key kNegInf = 0xFF80u;
-  __device__ static Key bits(at::BFloat16 v) { return v.x; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7F80u; }
-  __device__ static float value(Key b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); }
-};
-template <> struct KeyTraits<at::Half> {
-  using Key = uint16_t;
-  static constexpr Key kNegInf = 0xFC00u;
-  __device__ static Key bits(at::Half v) { return v.x; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7C00u; }
-  __device__ static float value(Key b) { return static_cast<float>(at::Half(b, at::Half::from_bits())); }
-};
-
-template <typename scalar_t>
-using key_t = typename KeyTraits<scalar_t>::Key;
-
-template <typename scalar_t>
-__device__ __forceinline__ key_t<scalar_t> ordered_key(scalar_t v) {
-  using T = KeyTraits<scalar_t>;
-  using Key = typename T::Key;
-  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
-  Key b = T::bits(v);
-  if (T::is_nan(b)) b = T::kNegInf;
-  if (b == sign) b = 0;  // -0 -> +0
-  return (b & sign) ? static_cast<Key>(~b) : static_cast<Key>(b | sign);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ acc_t<scalar_t> key_value(key_t<scalar_t> key) {
-  using T = KeyTraits<scalar_t>;
-  using Key = typename T::Key;
-  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
-  const Key b = (key & sign) ? static_cast<Key>(key & static_cast<Key>(~sign)) : static_cast<Key>(~key);
-  return static_cast<acc_t<scalar_t>>(T::value(b));
-}
-
-// Cross-warp half of a block-wide exclusive scan: given its warp's total (the same in every lane),
-// returns the sum of the totals of the warps before it; `total` gets the block's sum. Every thread
-// of the block must call it. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int block_warp_offset(int warp_total, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = warp_total;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = scratch[w];
-      scratch[w] = run;
-      run += c;
-    }
-    scratch[kWarps] = run;
-  }
-  __syncthreads();
-  const int offset = scratch[warp];
-  total = scratch[kWarps];
-  __syncthreads();  // scratch is reused by the next call
-  return offset;
-}
-
-// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's sum.
-// Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-  return block_warp_offset(__popc(ballot), scratch, total) + in_warp;
-}
-
-__device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* scratch) {
-  v = cuda::warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  int64_t total = 0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
-}
-
-// Bitonic sort of the first k (key, index) pairs in shared memory, best first (larger key, then
-// smaller index), by the whole block. The arrays must hold the next power of two >= k: the padding
-// (key 0, which is no value's key, and the largest index) sorts last.
-template <typename Key, typename Index>
-__device__ void sort_best_first(Key* key, Index* idx, int k) {
-  int P = 1;
-  while (P < k) P <<= 1;
-  for (int i = k + threadIdx.x; i < P; i += kThreads) {
-    key[i] = 0;
-    idx[i] = std::numeric_limits<Index>::max();
-  }
-  __syncthreads();
-  for (int size = 2; size <= P; size <<= 1) {
-    for (int half = size >> 1; half > 0; half >>= 1) {
-      for (int i = threadIdx.x; i < P; i += kThreads) {
-        const int j = i ^ half;
-        if (j <= i) continue;
-        const bool i_first = key[i] > key[j] || (key[i] == key[j] && idx[i] < idx[j]);
-        const bool best_first = (i & size) == 0;
-        if (i_first != best_first) {
-          const Key tk = key[i];
-          key[i] = key[j];
-          key[j] = tk;
-          const Index ti = idx[i];
-          idx[i] = idx[j];
-          idx[j] = ti;
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Row select. Mode TopK: all entries eligible, write the k best (value desc, index asc).
@@ -314,19 +192,6 @@ struct StreamSelect {
   // (at most one per kTile accepted entries). bf16/fp16: 30 KiB, fp32: 24 KiB, fp64: 24 KiB.
   static constexpr int kCapacity = static_cast<int>(kMaxTopK) + 2 * kTile;
 };
-
-// Exclusive prefix sum of `v` over the block in thread order; `total` gets the block's sum.
-// Every thread of the block must call it. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31;
-  int inclusive = v;
-  for (int d = 1; d < 32; d <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane >= d) inclusive += n;
-  }
-  const int warp_total = __shfl_sync(0xffffffffu, inclusive, 31);
-  return block_warp_offset(warp_total, scratch, total) + inclusive - v;
-}
 
 // The k-th best key among keys[0, n) (1 <= k <= n), by 8-bit radix passes over the shared buffer.
 // Returns it; `need` gets how many entries equal to it belong to the k best (the first ones in
@@ -1083,55 +948,12 @@ void segment_sum_cuda(const at::Tensor& col_ptr, const at::Tensor& perm, const a
   });
 }
 
-const Kernels kCuda = {topk_cuda,       column_cutoff_cuda, global_cutoff_cuda, count_kept_cuda, fill_kept_cuda,
-                       gather_rows_cuda, sampled_dot_cuda, segment_sum_cuda};
-
-std::tuple<at::Tensor, at::Tensor> sae_topk_select_cuda(const at::Tensor& pre, int64_t k) {
-  const c10::cuda::CUDAGuard guard(pre.device());
-  return topk_select(pre, k, kCuda);
-}
-Csr4 sae_route_cuda(const at::Tensor& pre, c10::string_view routing, int64_t k,
-                    const c10::optional<at::Tensor>& theta) {
-  const c10::cuda::CUDAGuard guard(pre.device());
-  return route(pre, std::string(routing), k, theta, kCuda);
-}
-Csr4 sae_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
-                     c10::string_view routing, int64_t k, const c10::optional<at::Tensor>& theta) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return encode(x, W_enc, b_enc, b_dec, std::string(routing), k, theta, kCuda);
-}
-at::Tensor sae_gather_rows_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
-                                const at::Tensor& table, const c10::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(table.device());
-  return gather_rows(row_ptr, col, coef, table, bias, kCuda);
-}
-at::Tensor sae_sampled_dot_cuda(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
-                                const at::Tensor& table) {
-  const c10::cuda::CUDAGuard guard(grad.device());
-  return sampled_dot(row_ptr, col, grad, table, kCuda);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sae_csc_cuda(const at::Tensor& row_ptr, const at::Tensor& col,
-                                                            int64_t num_cols) {
-  const c10::cuda::CUDAGuard guard(col.device());
-  return csc(row_ptr, col, num_cols);
-}
-std::tuple<at::Tensor, at::Tensor> sae_segment_sum_cuda(const at::Tensor& col_ptr, const at::Tensor& perm,
-                                                        const at::Tensor& token, const at::Tensor& coef,
-                                                        const at::Tensor& src) {
-  const c10::cuda::CUDAGuard guard(src.device());
-  return segment_sum(col_ptr, perm, token, coef, src, kCuda);
-}
-
 }  // namespace
+
+constexpr Kernels kCudaKernels{
+    topk_cuda, column_cutoff_cuda, global_cutoff_cuda, count_kept_cuda, fill_kept_cuda, gather_rows_cuda, sampled_dot_cuda, segment_sum_cuda, csc};
+
 }  // namespace sae
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  m.impl("sae_topk_select", &fusedtrain::sae::sae_topk_select_cuda);
-  m.impl("sae_route", &fusedtrain::sae::sae_route_cuda);
-  m.impl("sae_encode", &fusedtrain::sae::sae_encode_cuda);
-  m.impl("sae_gather_rows", &fusedtrain::sae::sae_gather_rows_cuda);
-  m.impl("_sae_sampled_dot", &fusedtrain::sae::sae_sampled_dot_cuda);
-  m.impl("_sae_csc", &fusedtrain::sae::sae_csc_cuda);
-  m.impl("_sae_segment_sum", &fusedtrain::sae::sae_segment_sum_cuda);
-}
+FT_REGISTER_BACKEND(CUDA, fusedtrain::sae::kCudaKernels)

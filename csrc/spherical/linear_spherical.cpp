@@ -4,8 +4,10 @@
 // O(N·D): the largest buffers are the (D, d) weight gradient and (N, d') row projections.
 #include "linear_spherical.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
-#include "../common/cpu_utils.h"
+#include "../common/dispatch.h"
+#include "../common/cpu/memory.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
@@ -24,11 +26,6 @@ namespace fusedtrain {
 namespace spherical {
 namespace linear {
 namespace {
-
-// Rows must be unit-stride for the row kernels; any row stride is fine.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return (t.stride(1) == 1 || t.size(1) == 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
-}
 
 void check_weight_and_bias(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_defined(weight, "linear_weight");
@@ -142,8 +139,6 @@ at::Tensor mm_split_bf16(const at::Tensor& A, const at::Tensor& B) {
   return out;
 }
 
-}  // namespace
-
 // The statistics of W' = [W | bias]: its column sums w̄' and its *centered* Gram (scatter) matrix
 // C = Σ_k (W'_k − m)(W'_k − m)ᵀ about the mean row m = w̄'/D, both (d',) / (d', d') in acc_t. With
 // s = h'·w̄', a row's spread is h'ᵀCh' = Σ(o_k − s/D)² directly and q = h'ᵀCh' + s²/D, where the
@@ -196,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_in, const at::Tensor& gram_in, const at::Tensor& colsum_in,
     const std::string& kind, double a, double b, double eps, double var_eps, int64_t ignore_index,
-    const std::string& reduction, bool check_target, const Kernels& kernels) {
+    const std::string& reduction, bool check_target) {
   check_inputs(input_in, weight_in, bias, target_in);
   const Params params = make_params(kind, a, b, eps, var_eps);
   const int red = parse_reduction(reduction);
@@ -228,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     count = target_in.ne(ignore_index).sum().to(acc);  // on the device, no sync
     L.scale = count.reciprocal();
   }
-  if (N > 0) kernels.forward(L);
+  if (N > 0) backend<Kernels>(weight_in).forward(L);
   if (check_target && N > 0 && L.bad_target.item<int>() != 0) throw_bad_target(D, ignore_index);
   at::Tensor loss;
   if (red == kNone) {
@@ -244,8 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& input_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias, const at::Tensor& target_in, const at::Tensor& colsum,
-    const at::Tensor& coef_in, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask,
-    const Kernels& kernels) {
+    const at::Tensor& coef_in, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
   check_inputs(input_in, weight_in, bias, target_in);
   const int64_t N = input_in.size(0), d = input_in.size(1), D = weight_in.size(0);
   const bool with_bias = has(bias);
@@ -272,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (output_mask[0]) {
     InputGradLaunch L{weight, target, colsum.contiguous(), proj.contiguous(), coef, ignore_index,
                       at::empty({N, d}, input_in.options())};
-    if (N > 0) kernels.input_grad(L);
+    if (N > 0) backend<Kernels>(weight_in).input_grad(L);
     grad_input = L.grad_input;
   }
   at::Tensor grad_weight = empty(), grad_bias = empty();
@@ -313,10 +307,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       auto sorted = key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
       ScatterLaunch S{input, coef, std::get<0>(sorted), std::get<1>(sorted),
                       want_weight ? grad_weight : at::Tensor(), want_bias ? grad_bias : at::Tensor()};
-      kernels.scatter(S);
+      backend<Kernels>(weight_in).scatter(S);
     }
   }
   return {grad_input, grad_weight, grad_bias};
+}
+
+// The registered ops (schema signatures).
+std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const DeviceScope scope(weight);
+  return gram(weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_op(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, c10::string_view kind,
+    double a, double b, double eps, double var_eps, int64_t ignore_index, c10::string_view reduction,
+    bool check_target) {
+  const DeviceScope scope(weight);
+  return forward(input, weight, bias, target, gram, colsum, std::string(kind), a, b, eps, var_eps,
+                 ignore_index, std::string(reduction), check_target);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_op(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
+    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
+  const DeviceScope scope(weight);
+  return backward(grad_loss, input, weight, bias, target, colsum, coef, proj, ignore_index, output_mask);
+}
+
+}  // namespace
+
+void Kernels::impl_ops(torch::Library& m) {
+  m.impl("_linear_spherical_gram", &gram_op);
+  m.impl("linear_spherical_loss", &loss_op);
+  m.impl("_linear_spherical_loss_backward", &loss_backward_op);
 }
 
 }  // namespace linear

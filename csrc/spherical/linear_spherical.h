@@ -80,28 +80,13 @@ struct ScatterLaunch {
   at::Tensor grad_bias;    // (D,) contiguous, or undefined
 };
 
+// What each backend supplies (common/backend.h).
 struct Kernels {
   void (*forward)(const ForwardLaunch&);
   void (*input_grad)(const InputGradLaunch&);
   void (*scatter)(const ScatterLaunch&);
+  static void impl_ops(torch::Library& m);  // linear_spherical.cpp
 };
-
-// The centered Gram matrix C (d', d') and the column sums w̄' (d',) in the accumulate type.
-std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-
-// (loss, coef, proj): proj is saved for the backward (it spares a second N·d'² product).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, const std::string& kind,
-    double a, double b, double eps, double var_eps, int64_t ignore_index, const std::string& reduction,
-    bool check_target, const Kernels& kernels);
-
-// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
-    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index,
-    std::array<bool, 3> output_mask, const Kernels& kernels);
 
 }  // namespace linear
 }  // namespace spherical

@@ -3,10 +3,11 @@
 // projection p_n, the column sums and the target row W_{c_n} once, accumulating in acc_t.
 #include "linear_spherical.h"
 
+#include "../common/backend.h"
+
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
@@ -155,32 +156,12 @@ void scatter_cpu(const ScatterLaunch& L) {
                                [&] { scatter_rows<scalar_t>(L); });
 }
 
+}  // namespace
+
 constexpr Kernels kCpuKernels{forward_cpu, input_grad_cpu, scatter_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, c10::string_view kind,
-    double a, double b, double eps, double var_eps, int64_t ignore_index, c10::string_view reduction,
-    bool check_target) {
-  return forward(input, weight, bias, target, gram, colsum, std::string(kind), a, b, eps, var_eps,
-                 ignore_index, std::string(reduction), check_target, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
-    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
-  return backward(grad_loss, input, weight, bias, target, colsum, coef, proj, ignore_index, output_mask,
-                  kCpuKernels);
-}
-
-}  // namespace
 }  // namespace linear
 }  // namespace spherical
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("_linear_spherical_gram", &fusedtrain::spherical::linear::gram);
-  m.impl("linear_spherical_loss", &fusedtrain::spherical::linear::loss_cpu);
-  m.impl("_linear_spherical_loss_backward", &fusedtrain::spherical::linear::loss_backward_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::spherical::linear::kCpuKernels)
