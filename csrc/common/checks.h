@@ -14,8 +14,8 @@
 namespace fusedtrain {
 
 // Error messages are assembled here (std::to_string, snprintf) and handed to TORCH_CHECK as one
-// string. Formatting numbers through c10::str's ostream inside our library crashed the process
-// (SIGSEGV instead of an exception) on the GPU machine's torch 2.11 build; strings were fine.
+// string, so no number is formatted through c10::str's ostream inside this library (not reliable
+// across torch builds; a plain string always is).
 namespace detail {
 inline void append(std::string& out, const char* v) { out += v; }
 inline void append(std::string& out, const std::string& v) { out += v; }

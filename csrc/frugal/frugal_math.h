@@ -4,8 +4,8 @@
 
 #include "../common/math.h"
 
-// Always inlined: a call per element (GCC declined to inline these into one of the CPU loops)
-// costs ~10x in the memory-bound step.
+// Always inlined: the CPU loops must vectorize over these, and a call per element would not (GCC
+// does not always inline them on its own).
 #if defined(__CUDACC__)
 #define FT_FRUGAL_INLINE __host__ __device__ __forceinline__
 #elif defined(__GNUC__)

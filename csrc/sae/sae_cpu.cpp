@@ -38,8 +38,8 @@ struct TopSelector {
     int64_t index;
   };
   static bool better(const Entry& a, const Entry& b) { return ranks_before(a.key, a.index, b.key, b.index); }
-  // `better` as a function object: std algorithms inline it (a function pointer is called per
-  // comparison, which made the shrinks cost as much as the whole row scan).
+  // `better` as a function object: std algorithms inline it, where a function pointer would be
+  // called per comparison in the shrinks.
   struct Better {
     bool operator()(const Entry& a, const Entry& b) const { return better(a, b); }
   };
