@@ -15,8 +15,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/outer.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -94,7 +96,7 @@ void accumulate_product(at::Tensor dst, const at::Tensor& X, const at::Tensor& Y
 constexpr int64_t kSymmetricMinColumns = 1024;
 
 // Q += Aᵀ·A for a block A of rows of W' (first: Q = AᵀA). With the symmetric split, only Q's upper
-// blocks are written here; gram() mirrors them at the end.
+// blocks are written here; gram() mirrors Q's upper triangle at the end (symmetric_from_upper).
 void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   const auto acc = Q.scalar_type();
   const at::Tensor up = A.scalar_type() == acc || A.is_cuda() ? A : A.to(acc);  // a block, never all of W
@@ -110,12 +112,14 @@ void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   }
 }
 
-// The lower off-diagonal block of a Q built by add_block from its upper blocks.
-void mirror_lower_block(at::Tensor& Q) {
-  const int64_t n = Q.size(0);
-  if (n < kSymmetricMinColumns) return;
-  const int64_t h = n / 2;
-  Q.narrow(0, h, n - h).narrow(1, 0, h).copy_(Q.narrow(0, 0, h).narrow(1, h, n - h).t());
+// Q's upper triangle (diagonal included) with its transpose as the lower one: symmetric to the bit
+// on every path. A GEMM need not round Q[i][j] and Q[j][i] alike (its blocking and summation order
+// depend on the BLAS and the CPU), nor does outer(colsum, mean); and add_block's symmetric split
+// leaves the lower off-diagonal block unwritten. at::where selects (never multiplies), so whatever
+// the lower triangle held, NaN included, cannot reach the result.
+at::Tensor symmetric_from_upper(const at::Tensor& Q) {
+  const at::Tensor strictly_lower = at::ones(Q.sizes(), Q.options().dtype(at::kBool)).tril_(-1);
+  return at::where(strictly_lower, Q.t(), Q);
 }
 
 // A·B in fp32 for A bf16 (exact) and B fp32, at fp32 accuracy and bf16 tensor-core speed: B is split
@@ -182,9 +186,8 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
       add_block(C, block, start == 0);
     }
   }
-  mirror_lower_block(C);
   if (!center_blocks) C.sub_(at::outer(colsum, mean));
-  return {C, colsum};
+  return {symmetric_from_upper(C), colsum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
