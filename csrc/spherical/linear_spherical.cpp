@@ -221,22 +221,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   L.row_loss = at::empty({N}, acc_opts);
   L.coef = at::empty({N, kCoefs}, acc_opts);
   L.bad_target = at::zeros({1}, input_in.options().dtype(at::kInt));
-  at::Tensor count;
-  if (red == kMean) {
-    count = target_in.ne(ignore_index).sum().to(acc);  // on the device, no sync
-    L.scale = count.reciprocal();
-  }
+  const at::Tensor count = mean_count(target_in, ignore_index, red, acc);
+  if (red == kMean) L.scale = count.reciprocal();
   if (N > 0) backend<Kernels>(weight_in).forward(L);
   if (check_target && N > 0 && L.bad_target.item<int>() != 0) throw_bad_target(D, ignore_index);
-  at::Tensor loss;
-  if (red == kNone) {
-    loss = L.row_loss.to(input_in.scalar_type());
-  } else {
-    loss = L.row_loss.sum();
-    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
-    loss = loss.to(input_in.scalar_type());
-  }
-  return {loss, L.coef, L.proj};
+  return {reduce_loss(L.row_loss, red, count, input_in.scalar_type()), L.coef, L.proj};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

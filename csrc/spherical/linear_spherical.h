@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -42,6 +43,16 @@ FT_HOST_DEVICE inline RowCoefficients<acc> centered_row_coefficients(acc s, acc 
   RowCoefficients<acc> r = row_coefficients<acc>(s, qc + s * mu, oc, D, p);
   r.alpha += r.beta * mu;
   return r;
+}
+
+// Whether a row with target c gathers nothing: c is ignore_index or out of range. Its outputs then
+// hold `fill`: 0 for an ignored row, NaN for an out-of-range target (which the forward flags).
+// Shared by the CPU and CUDA kernels.
+template <typename acc>
+FT_HOST_DEVICE inline bool skips_row(int64_t c, int64_t D, int64_t ignore_index, acc& fill) {
+  if (!(c == ignore_index || !target_is_valid(c, D, ignore_index))) return false;
+  fill = c == ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
+  return true;
 }
 
 // Forward rows: s, qc, o_c -> row_loss, coef; flags out-of-range targets.

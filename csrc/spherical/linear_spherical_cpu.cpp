@@ -4,10 +4,9 @@
 #include "linear_spherical.h"
 
 #include "../common/backend.h"
-
+#include "../common/cpu/parallel.h"
 #include "../common/dispatch.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <limits>
@@ -35,15 +34,13 @@ void forward_rows(const ForwardLaunch& L) {
   const int64_t dp = L.proj.size(1), in_stride = L.input.stride(0), w_stride = L.weight.stride(0);
   const Params params = L.params;
   const acc Dacc = static_cast<acc>(D);
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t c = target[n];
       acc* cf = coef + n * kCoefs;
-      if (c == L.ignore_index || !target_is_valid(c, D, L.ignore_index)) {
-        // Ignored rows contribute nothing; out-of-range rows are NaN and flagged (never gathered).
-        const bool ignored = c == L.ignore_index;
-        const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
-        if (!ignored) __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
+      acc fill;
+      if (skips_row(c, D, L.ignore_index, fill)) {
+        if (c != L.ignore_index) __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
         row_loss[n] = fill;
         for (int j = 0; j < kCoefs; ++j) cf[j] = fill;
         continue;
@@ -83,14 +80,13 @@ void input_grad_rows(const InputGradLaunch& L) {
   scalar_t* out = L.grad_input.data_ptr<scalar_t>();
   const int64_t N = L.grad_input.size(0), d = L.grad_input.size(1), D = L.weight.size(0);
   const int64_t dp = L.proj.size(1), w_stride = L.weight.stride(0);
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t c = target[n];
       scalar_t* g = out + n * d;
-      if (c == L.ignore_index || !target_is_valid(c, D, L.ignore_index)) {
-        const scalar_t fill = static_cast<scalar_t>(
-            c == L.ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN());
-        std::fill(g, g + d, fill);
+      acc fill;
+      if (skips_row(c, D, L.ignore_index, fill)) {
+        std::fill(g, g + d, static_cast<scalar_t>(fill));
         continue;
       }
       const acc alpha = coef[n * kCoefs + kAlpha], beta = coef[n * kCoefs + kBeta],
@@ -116,7 +112,7 @@ void scatter_rows(const ScatterLaunch& L) {
   const int64_t D = gw ? L.grad_weight.size(0) : L.grad_bias.size(0);
   // A segment (one class) belongs to the thread whose range holds its first sorted position, so
   // each grad row is written by one thread, summing its rows in sorted (stable) order.
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     std::vector<acc> sum(gw ? d : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = key[i];

@@ -37,13 +37,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (n >= N) return;  // whole warps leave together
   const int64_t c = target[n];
   acc* cf = coef + n * kCoefs;
-  if (c == ignore_index || !target_is_valid(c, D, ignore_index)) {
+  acc fill;
+  if (skips_row(c, D, ignore_index, fill)) {
     if (lane == 0) {
-      const bool ignored = c == ignore_index;
-      const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
       row_loss[n] = fill;
       for (int j = 0; j < kCoefs; ++j) cf[j] = fill;
-      if (!ignored) *bad = 1;
+      if (c != ignore_index) *bad = 1;
     }
     return;
   }
@@ -86,10 +85,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (n >= N) return;
   const int64_t c = target[n];
   scalar_t* g = out + n * d;
-  if (c == ignore_index || !target_is_valid(c, D, ignore_index)) {
-    const scalar_t fill =
-        static_cast<scalar_t>(c == ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN());
-    for (int64_t k = lane; k < d; k += 32) g[k] = fill;
+  acc fill;
+  if (skips_row(c, D, ignore_index, fill)) {
+    for (int64_t k = lane; k < d; k += 32) g[k] = static_cast<scalar_t>(fill);
     return;
   }
   const acc alpha = coef[n * kCoefs + kAlpha], beta = coef[n * kCoefs + kBeta],

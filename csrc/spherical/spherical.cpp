@@ -71,6 +71,17 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   __builtin_unreachable();
 }
 
+at::Tensor mean_count(const at::Tensor& target, int64_t ignore_index, int reduction, at::ScalarType acc) {
+  return reduction == kMean ? target.ne(ignore_index).sum().to(acc) : at::Tensor();
+}
+
+at::Tensor reduce_loss(const at::Tensor& row_loss, int reduction, const at::Tensor& count, at::ScalarType dtype) {
+  if (reduction == kNone) return row_loss.to(dtype);
+  at::Tensor loss = row_loss.sum();
+  if (reduction == kMean) loss = loss.div(count);
+  return loss.to(dtype);
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
@@ -97,24 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   launch.coef = at::empty({N, kCoefCount}, acc_opts);
   launch.grad = compute_grad ? at::empty(logits_in.sizes(), logits_in.options()) : at::Tensor();
   launch.bad_target = at::zeros({1}, logits_in.options().dtype(at::kInt));
-  at::Tensor count;
-  if (red == kMean) {
-    // Kept rows, counted on the device (no sync): the kernel scales coef and grad by 1/count.
-    count = target_in.ne(ignore_index).sum().to(acc);
-    launch.weight = count.reciprocal();
-  }
+  const at::Tensor count = mean_count(target_in, ignore_index, red, acc);
+  if (red == kMean) launch.weight = count.reciprocal();  // the kernel scales coef and grad by 1/count
   if (N > 0) backend<Kernels>(logits_in).rows(launch);
   // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
   if (check_target && N > 0 && launch.bad_target.item<int>() != 0)
     throw_bad_target(logits_in.size(1), ignore_index);
-  at::Tensor loss;
-  if (red == kNone) {
-    loss = launch.row_loss.to(logits_in.scalar_type());
-  } else {
-    loss = launch.row_loss.sum();
-    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
-    loss = loss.to(logits_in.scalar_type());
-  }
+  const at::Tensor loss = reduce_loss(launch.row_loss, red, count, logits_in.scalar_type());
   at::Tensor grad = compute_grad ? launch.grad : at::empty({0}, logits_in.options());
   return {loss, grad, launch.coef};
 }

@@ -80,6 +80,12 @@ RowPointers<scalar_t> row_pointers(const RowLaunch& L) {
 Params make_params(const std::string& kind, double a, double b, double eps, double var_eps);
 int parse_reduction(const std::string& reduction);
 [[noreturn]] void throw_bad_target(int64_t D, int64_t ignore_index);
+// For reduction 'mean': the kept rows (target != ignore_index), counted on the device (no sync), in
+// the accumulate type `acc`; undefined for 'sum' and 'none'.
+at::Tensor mean_count(const at::Tensor& target, int64_t ignore_index, int reduction, at::ScalarType acc);
+// The loss of per-row losses: the rows for 'none', else their sum (divided by `count` for 'mean':
+// 0/0 = NaN when every row is ignored, as torch), converted to `dtype`.
+at::Tensor reduce_loss(const at::Tensor& row_loss, int reduction, const at::Tensor& count, at::ScalarType dtype);
 
 // What each backend supplies (common/backend.h).
 struct Kernels {
