@@ -18,36 +18,21 @@ namespace cuda {
 
 // Order-preserving unsigned keys, on the scalar type's own bits: 16-bit keys for bf16/fp16 (two
 // 8-bit radix passes instead of four), 32 for fp32, 64 for fp64. NaN maps to -inf (as rank_key)
-// and -0 to +0 (equal values, equal keys: ties then go by index, as on the CPU).
+// and -0 to +0 (equal values, equal keys: ties then go by index, as on the CPU). A type's traits
+// are its IEEE layout: an unsigned Key of its width and the bits of +inf (a NaN's magnitude bits
+// exceed them; -inf is +inf with the sign bit).
+template <typename Key_, Key_ kInf>
+struct IeeeBits {
+  using Key = Key_;
+  static constexpr Key kSign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  static constexpr Key kNegInf = static_cast<Key>(kInf | kSign);
+  __device__ static bool is_nan(Key b) { return static_cast<Key>(b & static_cast<Key>(~kSign)) > kInf; }
+};
 template <typename scalar_t> struct KeyTraits;
-template <> struct KeyTraits<float> {
-  using Key = uint32_t;
-  static constexpr Key kNegInf = 0xFF800000u;
-  __device__ static Key bits(float v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
-  __device__ static float value(Key b) { float v; memcpy(&v, &b, sizeof(v)); return v; }
-};
-template <> struct KeyTraits<double> {
-  using Key = uint64_t;
-  static constexpr Key kNegInf = 0xFFF0000000000000ull;
-  __device__ static Key bits(double v) { Key b; memcpy(&b, &v, sizeof(b)); return b; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull; }
-  __device__ static double value(Key b) { double v; memcpy(&v, &b, sizeof(v)); return v; }
-};
-template <> struct KeyTraits<c10::BFloat16> {
-  using Key = uint16_t;
-  static constexpr Key kNegInf = 0xFF80u;
-  __device__ static Key bits(c10::BFloat16 v) { return v.x; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7F80u; }
-  __device__ static float value(Key b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
-};
-template <> struct KeyTraits<c10::Half> {
-  using Key = uint16_t;
-  static constexpr Key kNegInf = 0xFC00u;
-  __device__ static Key bits(c10::Half v) { return v.x; }
-  __device__ static bool is_nan(Key b) { return (b & 0x7FFFu) > 0x7C00u; }
-  __device__ static float value(Key b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
-};
+template <> struct KeyTraits<float> : IeeeBits<uint32_t, 0x7F800000u> {};
+template <> struct KeyTraits<double> : IeeeBits<uint64_t, 0x7FF0000000000000ull> {};
+template <> struct KeyTraits<c10::BFloat16> : IeeeBits<uint16_t, 0x7F80u> {};
+template <> struct KeyTraits<c10::Half> : IeeeBits<uint16_t, 0x7C00u> {};
 
 template <typename scalar_t>
 using key_t = typename KeyTraits<scalar_t>::Key;
@@ -56,8 +41,9 @@ template <typename scalar_t>
 __device__ __forceinline__ key_t<scalar_t> ordered_key(scalar_t v) {
   using T = KeyTraits<scalar_t>;
   using Key = typename T::Key;
-  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
-  Key b = T::bits(v);
+  constexpr Key sign = T::kSign;
+  Key b;
+  memcpy(&b, &v, sizeof(b));
   if (T::is_nan(b)) b = T::kNegInf;
   if (b == sign) b = 0;  // -0 -> +0
   return (b & sign) ? static_cast<Key>(~b) : static_cast<Key>(b | sign);
@@ -67,9 +53,11 @@ template <typename scalar_t>
 __device__ __forceinline__ acc_t<scalar_t> key_value(key_t<scalar_t> key) {
   using T = KeyTraits<scalar_t>;
   using Key = typename T::Key;
-  constexpr Key sign = static_cast<Key>(Key(1) << (sizeof(Key) * 8 - 1));
+  constexpr Key sign = T::kSign;
   const Key b = (key & sign) ? static_cast<Key>(key & static_cast<Key>(~sign)) : static_cast<Key>(~key);
-  return static_cast<acc_t<scalar_t>>(T::value(b));
+  scalar_t v;
+  memcpy(&v, &b, sizeof(v));
+  return static_cast<acc_t<scalar_t>>(v);
 }
 
 // Bitonic sort of the first k (key, index) pairs in shared memory, best first (larger key, then
