@@ -14,8 +14,8 @@
 namespace fusedtrain {
 
 // Error messages are assembled here (std::to_string, snprintf) and handed to TORCH_CHECK as one
-// string. Formatting numbers through c10::str's ostream inside our library crashed the process
-// (SIGSEGV instead of an exception) on the GPU machine's torch 2.11 build; strings were fine.
+// string, so no number is formatted through c10::str's ostream inside this library (not reliable
+// across torch builds; a plain string always is).
 namespace detail {
 inline void append(std::string& out, const char* v) { out += v; }
 inline void append(std::string& out, const std::string& v) { out += v; }
@@ -82,6 +82,13 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 
 inline void check_finite(double value, const char* name) {
   FT_CHECK_VALUE(std::isfinite(value), name, " must be a finite number, got ", value);
+}
+
+// A 2-D tensor whose rows the kernels can walk with unit stride: `t` itself when its rows already
+// are (any row stride; a row of at most one element is unit-stride whatever its stride), else a
+// contiguous copy.
+inline at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
 }
 
 }  // namespace fusedtrain

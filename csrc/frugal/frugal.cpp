@@ -1,6 +1,7 @@
 // Schema of the fused FRUGAL step and its argument checks, shared by the CPU and CUDA kernels.
 #include "frugal.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
 
 #include <torch/library.h>
@@ -50,8 +51,8 @@ void check_indices(const at::Tensor& idx, const at::Tensor& param, int64_t limit
   }
 }
 
-}  // namespace
-
+// Checks every argument (names the bad one) and returns them gathered; `validate_index_values`
+// also reads the index tensors' values.
 StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList indices,
                         at::TensorList residual_bases, at::TensorList dense_updates,
@@ -132,6 +133,26 @@ StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorL
   }
   return a;
 }
+
+// The registered op (schema signature).
+void frugal_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList indices, at::TensorList residual_bases,
+                    at::TensorList dense_updates, at::IntArrayRef kinds, at::IntArrayRef steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, c10::string_view free_update,
+                    double free_lr_scale) {
+  const Kernels* kernels = params.empty() ? nullptr : &backend<Kernels>(params[0]);
+  const StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_sqs, indices, residual_bases,
+                                    dense_updates, kinds, steps, lr, beta1, beta2, eps, weight_decay,
+                                    std::string(free_update), free_lr_scale,
+                                    kernels != nullptr && kernels->validate_index_values);
+  if (a.params.empty()) return;
+  const DeviceScope scope(a.params[0]);
+  kernels->step(a);
+}
+
+}  // namespace
+
+void Kernels::impl_ops(torch::Library& m) { m.impl("frugal_step_", &frugal_step_op); }
 
 }  // namespace frugal
 }  // namespace fusedtrain

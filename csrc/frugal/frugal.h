@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+namespace torch {
+class Library;
+}
+
 namespace fusedtrain {
 namespace frugal {
 
@@ -32,14 +36,15 @@ inline int64_t matrix_cols(const at::Tensor& t) {
   return cols;
 }
 
-// Checks every argument (names the bad one) and returns them gathered; `validate_index_values`
-// also reads the index tensors (range, strictly increasing): only where that costs no sync (CPU).
-StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList indices,
-                        at::TensorList residual_bases, at::TensorList dense_updates,
-                        at::IntArrayRef kinds, at::IntArrayRef steps, double lr, double beta1,
-                        double beta2, double eps, double weight_decay, const std::string& free_update,
-                        double free_lr_scale, bool validate_index_values);
+// What each backend supplies (common/backend.h).
+struct Kernels {
+  // The whole step of one call (params non-empty, all on this backend's device).
+  void (*step)(const StepArgs& a);
+  // Whether the argument checks also read the index tensors' values (range, strictly increasing):
+  // only where that costs no sync (CPU).
+  bool validate_index_values;
+  static void impl_ops(torch::Library& m);  // frugal.cpp
+};
 
 // Tensor i's constants (bias corrections in double, then rounded to the accumulate type).
 template <typename acc>

@@ -5,11 +5,12 @@
 // contiguous buffer, the state-free update runs over the whole row, AdamW over the buffer (both
 // vectorized), and the buffer is scattered back.
 #include "frugal.h"
-#include "../common/cpu_utils.h"
+
+#include "../common/backend.h"
+#include "../common/cpu/simd.h"
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -17,10 +18,6 @@
 
 #if FT_HAVE_AVX2_PATH
 #include <immintrin.h>
-// AVX2 without FMA: GCC contracts a·b − c into an FMA wherever the target has one (its default
-// for C++ is -ffp-contract=fast), which would round differently from torch.optim's separate
-// multiply and add. The step is memory-bound: FMA would buy nothing here.
-#define FT_FRUGAL_AVX2 __attribute__((target("avx2")))
 #endif
 
 namespace fusedtrain {
@@ -35,16 +32,16 @@ constexpr int64_t kChunkElements = 1 << 15;
 // with errno semantics GCC will not vectorize it, so the AVX2 build spells it with intrinsics, in
 // a function of its own (an AVX2 body cannot be inlined into the generic loops).
 #if FT_HAVE_AVX2_PATH
-FT_FRUGAL_AVX2 FT_ALWAYS_INLINE cpu::vec_t<float> vector_sqrt(cpu::vec_t<float> x) {
+FT_TARGET_AVX2_NO_FMA FT_ALWAYS_INLINE cpu::vec_t<float> vector_sqrt(cpu::vec_t<float> x) {
   return reinterpret_cast<cpu::vec_t<float>>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
 }
-FT_FRUGAL_AVX2 FT_ALWAYS_INLINE cpu::vec_t<double> vector_sqrt(cpu::vec_t<double> x) {
+FT_TARGET_AVX2_NO_FMA FT_ALWAYS_INLINE cpu::vec_t<double> vector_sqrt(cpu::vec_t<double> x) {
   return reinterpret_cast<cpu::vec_t<double>>(_mm256_sqrt_pd(reinterpret_cast<__m256d>(x)));
 }
 
 // AdamW on the whole vectors of `count` contiguous coordinates; returns how many it did.
 template <typename acc>
-FT_FRUGAL_AVX2 __attribute__((noinline)) int64_t adam_vectors_avx2(acc* w, const acc* g, acc* m, acc* v,
+FT_TARGET_AVX2_NO_FMA __attribute__((noinline)) int64_t adam_vectors_avx2(acc* w, const acc* g, acc* m, acc* v,
                                                                    int64_t count, const Scalars<acc>& s) {
   using V = cpu::vec_t<acc>;
   constexpr int kW = cpu::vec_width<acc>;
@@ -168,7 +165,7 @@ void update_rows_base(const TensorPtrs<scalar_t>& T, int64_t r0, int64_t r1, acc
 
 #if FT_HAVE_AVX2_PATH
 template <typename scalar_t>
-FT_FRUGAL_AVX2 void update_rows_avx2(const TensorPtrs<scalar_t>& T, int64_t r0, int64_t r1,
+FT_TARGET_AVX2_NO_FMA void update_rows_avx2(const TensorPtrs<scalar_t>& T, int64_t r0, int64_t r1,
                                      acc_t<scalar_t>* saved) {
   update_rows<true>(T, r0, r1, saved);
 }
@@ -209,23 +206,15 @@ void step_cpu_typed(const StepArgs& a) {
   });
 }
 
-void frugal_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList indices, at::TensorList residual_bases,
-                     at::TensorList dense_updates, at::IntArrayRef kinds, at::IntArrayRef steps, double lr,
-                     double beta1, double beta2, double eps, double weight_decay,
-                     c10::string_view free_update, double free_lr_scale) {
-  const StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_sqs, indices, residual_bases,
-                                    dense_updates, kinds, steps, lr, beta1, beta2, eps, weight_decay,
-                                    std::string(free_update), free_lr_scale, /*validate_index_values=*/true);
-  if (a.params.empty()) return;
-  FUSEDTRAIN_DISPATCH_FLOATING(a.params[0].scalar_type(), "frugal_step_cpu",
-                               [&] { step_cpu_typed<scalar_t>(a); });
+void step_cpu(const StepArgs& a) {
+  FUSEDTRAIN_DISPATCH_FLOATING(a.params[0].scalar_type(), "frugal_step_cpu", [&] { step_cpu_typed<scalar_t>(a); });
 }
 
 }  // namespace
+
+constexpr Kernels kCpuKernels{step_cpu, /*validate_index_values=*/true};
+
 }  // namespace frugal
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("frugal_step_", &fusedtrain::frugal::frugal_step_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::frugal::kCpuKernels)

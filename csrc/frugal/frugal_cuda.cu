@@ -11,13 +11,13 @@
 // reads or writes outside a tensor for any index value: out-of-range ones are skipped.
 #include "frugal.h"
 
+#include "../common/backend.h"
+
 #include "../common/checks.h"
-#include "../common/cuda_utils.cuh"
+#include "../common/cuda/launch.cuh"
 #include "../common/dispatch.h"
 
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -27,7 +27,7 @@ namespace fusedtrain {
 namespace frugal {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
 constexpr int64_t kTaskElements = 1 << 14;  // elements per block task (whole rows for rows/columns)
 constexpr int64_t kMaxBitmaskBytes = 48 * 1024;  // default dynamic shared memory limit
 constexpr int64_t kMaxMaskedColumns = kMaxBitmaskBytes * 8;
@@ -229,25 +229,15 @@ void step_cuda_typed(const StepArgs& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void frugal_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList indices, at::TensorList residual_bases,
-                      at::TensorList dense_updates, at::IntArrayRef kinds, at::IntArrayRef steps, double lr,
-                      double beta1, double beta2, double eps, double weight_decay,
-                      c10::string_view free_update, double free_lr_scale) {
-  const StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_sqs, indices, residual_bases,
-                                    dense_updates, kinds, steps, lr, beta1, beta2, eps, weight_decay,
-                                    std::string(free_update), free_lr_scale, /*validate_index_values=*/false);
-  if (a.params.empty()) return;
-  FT_CHECK_VALUE(a.params[0].is_cuda(), "params[0] must be a CUDA tensor, got one on ", a.params[0].device());
-  const c10::cuda::CUDAGuard guard(a.params[0].device());
-  FUSEDTRAIN_DISPATCH_FLOATING(a.params[0].scalar_type(), "frugal_step_cuda",
-                               [&] { step_cuda_typed<scalar_t>(a); });
+void step_cuda(const StepArgs& a) {
+  FUSEDTRAIN_DISPATCH_FLOATING(a.params[0].scalar_type(), "frugal_step_cuda", [&] { step_cuda_typed<scalar_t>(a); });
 }
 
 }  // namespace
+
+constexpr Kernels kCudaKernels{step_cuda, /*validate_index_values=*/false};
+
 }  // namespace frugal
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  m.impl("frugal_step_", &fusedtrain::frugal::frugal_step_cuda);
-}
+FT_REGISTER_BACKEND(CUDA, fusedtrain::frugal::kCudaKernels)

@@ -5,7 +5,9 @@
 // tile, and O(B) per-row statistics. Everything a user can get wrong is checked here, once.
 #include "mining.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
+#include "../common/dispatch.h"
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
@@ -44,9 +46,7 @@ void set_tile_elements(int64_t elements) { g_tile_elements.store(std::max<int64_
 
 namespace {
 
-at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+using TileKernel = void (*)(const TileLaunch&);
 
 void check_params(const Params& p) {
   check_finite(p.alpha, "alpha");
@@ -250,7 +250,6 @@ at::Tensor upstream_scalar(const at::Tensor& grad_loss, const Operands& o) {
   return grad_loss.to(o.acc).reshape({1});
 }
 
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss_forward(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
@@ -406,8 +405,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_hard(
   return {anchors, hard.select(1, 0).masked_select(keep), hard.select(1, 1).masked_select(keep)};
 }
 
-// ---- op entry points shared by the backends' registrations ----------------------------------
-
 int parse_rule(c10::string_view rule) {
   if (rule == "multi_similarity") return kRuleMultiSimilarity;
   if (rule == "pair_margin") return kRulePairMargin;
@@ -443,13 +440,66 @@ Params tcm_params(double lambda_plus, double lambda_minus, double margin_plus, d
   return p;
 }
 
-namespace {
+
+// ---- the registered ops (schema signatures) --------------------------------------------------
+
+using Opt = std::optional<at::Tensor>;
+at::Tensor get(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
+TileKernel tile_kernel(const at::Tensor& embeddings) { return backend<Kernels>(embeddings).tile; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss_op(
+    const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl, const Opt& si, double alpha,
+    double beta, double base, double epsilon, bool mine, bool compute_grad, bool ref_grad) {
+  return ms_loss_forward(e, l, get(re), get(rl), get(si), ms_params(alpha, beta, base, epsilon, mine),
+                         compute_grad, ref_grad, tile_kernel(e));
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_loss_backward_op(
+    const at::Tensor& g, const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl,
+    const Opt& si, const at::Tensor& stats, double alpha, double beta, double base, double epsilon,
+    bool mine, bool ref_grad) {
+  return ms_loss_backward(g, e, l, get(re), get(rl), get(si), stats,
+                          ms_params(alpha, beta, base, epsilon, mine), ref_grad, tile_kernel(e));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_op(
+    const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl, c10::string_view rule,
+    double epsilon, double pos_margin, double neg_margin) {
+  return mine_pairs(e, l, get(re), get(rl), mine_params(rule, epsilon, pos_margin, neg_margin), tile_kernel(e));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_hard_op(const at::Tensor& e, const at::Tensor& l,
+                                                             const Opt& re, const Opt& rl) {
+  return batch_hard(e, l, get(re), get(rl), tile_kernel(e));
+}
+
+std::tuple<at::Tensor, at::Tensor> tcm_op(const at::Tensor& e, const at::Tensor& l, const Opt& re,
+                                          const Opt& rl, double lp, double lm, double mp, double mm) {
+  return tcm_forward(e, l, get(re), get(rl), tcm_params(lp, lm, mp, mm), tile_kernel(e));
+}
+
+std::tuple<at::Tensor, at::Tensor> tcm_backward_op(
+    const at::Tensor& g, const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl,
+    const at::Tensor& stats, double lp, double lm, double mp, double mm, bool ref_grad) {
+  return tcm_backward(g, e, l, get(re), get(rl), stats, tcm_params(lp, lm, mp, mm), ref_grad, tile_kernel(e));
+}
+
 int64_t tile_elements_op(int64_t elements) {
   const int64_t previous = tile_elements();
   if (elements >= 0) set_tile_elements(elements);
   return previous;
 }
+
 }  // namespace
+
+void Kernels::impl_ops(torch::Library& m) {
+  m.impl("multi_similarity_loss", &ms_loss_op);
+  m.impl("_multi_similarity_loss_backward", &ms_loss_backward_op);
+  m.impl("mine_pairs", &mine_op);
+  m.impl("batch_hard_mine", &batch_hard_op);
+  m.impl("tcm_loss", &tcm_op);
+  m.impl("_tcm_loss_backward", &tcm_backward_op);
+}
 
 }  // namespace mining
 }  // namespace fusedtrain

@@ -14,6 +14,10 @@
 #include <optional>
 #include <tuple>
 
+namespace torch {
+class Library;
+}
+
 namespace fusedtrain {
 namespace mining {
 
@@ -89,94 +93,12 @@ TilePointers<T> tile_pointers(const TileLaunch& L) {
   return t;
 }
 
-using TileKernel = void (*)(const TileLaunch&);
-
-// The ops, given the backend's tile kernel. Optional tensors are undefined when absent.
-// compute_grad: also the gradients for an upstream gradient of 1 (to ref_emb when ref_grad), from
-// the forward's own tiles; otherwise the two gradient outputs are empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss_forward(
-    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, const at::Tensor& self_index, const Params& params, bool compute_grad,
-    bool ref_grad, TileKernel kernel);
-
-std::tuple<at::Tensor, at::Tensor> ms_loss_backward(
-    const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& labels,
-    const at::Tensor& ref_emb, const at::Tensor& ref_labels, const at::Tensor& self_index,
-    const at::Tensor& stats, const Params& params, bool ref_grad, TileKernel kernel);
-
-std::tuple<at::Tensor, at::Tensor> tcm_forward(
-    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, const Params& params, TileKernel kernel);
-
-std::tuple<at::Tensor, at::Tensor> tcm_backward(
-    const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& labels,
-    const at::Tensor& ref_emb, const at::Tensor& ref_labels, const at::Tensor& stats,
-    const Params& params, bool ref_grad, TileKernel kernel);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_pairs(
-    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, const Params& params, TileKernel kernel);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_hard(
-    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
-    const at::Tensor& ref_labels, TileKernel kernel);
-
-
-Params ms_params(double alpha, double beta, double base, double epsilon, bool mine);
-Params mine_params(c10::string_view rule, double epsilon, double pos_margin, double neg_margin);
-Params tcm_params(double lambda_plus, double lambda_minus, double margin_plus, double margin_minus);
-
-// The registered ops of one backend: `Entry<its tile kernel>::op` has the schema's signature.
-template <TileKernel kKernel>
-struct Entry {
-  using Opt = std::optional<at::Tensor>;
-  static at::Tensor get(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
-
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_loss(
-      const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl, const Opt& si, double alpha,
-      double beta, double base, double epsilon, bool mine, bool compute_grad, bool ref_grad) {
-    return ms_loss_forward(e, l, get(re), get(rl), get(si), ms_params(alpha, beta, base, epsilon, mine),
-                           compute_grad, ref_grad, kKernel);
-  }
-  static std::tuple<at::Tensor, at::Tensor> ms_loss_backward_op(
-      const at::Tensor& g, const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl,
-      const Opt& si, const at::Tensor& stats, double alpha, double beta, double base, double epsilon,
-      bool mine, bool ref_grad) {
-    return ms_loss_backward(g, e, l, get(re), get(rl), get(si), stats,
-                            ms_params(alpha, beta, base, epsilon, mine), ref_grad, kKernel);
-  }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine(
-      const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl, c10::string_view rule,
-      double epsilon, double pos_margin, double neg_margin) {
-    return mine_pairs(e, l, get(re), get(rl), mine_params(rule, epsilon, pos_margin, neg_margin), kKernel);
-  }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> hard(const at::Tensor& e, const at::Tensor& l,
-                                                             const Opt& re, const Opt& rl) {
-    return batch_hard(e, l, get(re), get(rl), kKernel);
-  }
-  static std::tuple<at::Tensor, at::Tensor> tcm(const at::Tensor& e, const at::Tensor& l, const Opt& re,
-                                                const Opt& rl, double lp, double lm, double mp,
-                                                double mm) {
-    return tcm_forward(e, l, get(re), get(rl), tcm_params(lp, lm, mp, mm), kKernel);
-  }
-  static std::tuple<at::Tensor, at::Tensor> tcm_backward_op(
-      const at::Tensor& g, const at::Tensor& e, const at::Tensor& l, const Opt& re, const Opt& rl,
-      const at::Tensor& stats, double lp, double lm, double mp, double mm, bool ref_grad) {
-    return tcm_backward(g, e, l, get(re), get(rl), stats, tcm_params(lp, lm, mp, mm), ref_grad, kKernel);
-  }
+// What each backend supplies (common/backend.h).
+struct Kernels {
+  // The per-row work of one tile for L.pass, in place on L.S and the per-row outputs.
+  void (*tile)(const TileLaunch& L);
+  static void impl_ops(torch::Library& m);  // mining.cpp
 };
-
-// m.impl of every op for one backend.
-#define FUSEDTRAIN_MINING_IMPL(m, KERNEL)                                                          \
-  do {                                                                                             \
-    using E = ::fusedtrain::mining::Entry<KERNEL>;                                                 \
-    m.impl("multi_similarity_loss", &E::ms_loss);                                                  \
-    m.impl("_multi_similarity_loss_backward", &E::ms_loss_backward_op);                            \
-    m.impl("mine_pairs", &E::mine);                                                                \
-    m.impl("batch_hard_mine", &E::hard);                                                           \
-    m.impl("tcm_loss", &E::tcm);                                                                   \
-    m.impl("_tcm_loss_backward", &E::tcm_backward_op);                                             \
-  } while (0)
 
 }  // namespace mining
 }  // namespace fusedtrain

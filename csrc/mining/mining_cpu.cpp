@@ -2,11 +2,12 @@
 // back to back while it is in cache (thresholds, then the mined pairs' log-sum-exps, counts, indices
 // or gradient). The tiles themselves come from at::mm in the driver (mining.cpp).
 #include "mining.h"
+
+#include "../common/backend.h"
 #include "mining_cpu_simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -360,9 +361,10 @@ void tile_kernel_cpu(const TileLaunch& L) {
 }
 
 }  // namespace
+
+constexpr Kernels kCpuKernels{tile_kernel_cpu};
+
 }  // namespace mining
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  FUSEDTRAIN_MINING_IMPL(m, &fusedtrain::mining::tile_kernel_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::mining::kCpuKernels)

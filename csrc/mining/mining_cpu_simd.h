@@ -6,7 +6,7 @@
 #pragma once
 
 #include "mining_math.h"
-#include "../common/cpu_utils.h"
+#include "../common/cpu/simd.h"
 
 #include <cstdint>
 #include <cstring>
@@ -16,91 +16,85 @@ namespace fusedtrain {
 namespace mining {
 namespace simd {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef int64_t v4l __attribute__((vector_size(32)));
-
-FT_ALWAYS_INLINE v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof(v)); return v; }
-FT_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-FT_ALWAYS_INLINE v8f splat(float x) { return v8f{} + x; }
+using cpu::f32x8;
+using cpu::i32x8;
+using cpu::i64x4;
+using cpu::load_vec;
+using cpu::select;
+using cpu::splat;
+using cpu::store_vec;
 
 // -1 lanes where ref[j..j+8) == label (int64 compares, narrowed to 8 x int32 masks).
-FT_ALWAYS_INLINE v8i label_mask(const int64_t* ref, int64_t label) {
-  v4l a, b;
+FT_ALWAYS_INLINE i32x8 label_mask(const int64_t* ref, int64_t label) {
+  i64x4 a, b;
   std::memcpy(&a, ref, sizeof(a));
   std::memcpy(&b, ref + 4, sizeof(b));
-  const v4l l = v4l{} + label;
+  const i64x4 l = i64x4{} + label;
   typedef int32_t v4i __attribute__((vector_size(16)));
   const v4i ma = __builtin_convertvector(a == l, v4i), mb = __builtin_convertvector(b == l, v4i);
   return __builtin_shufflevector(ma, mb, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 
-FT_ALWAYS_INLINE v8f select(v8i mask, v8f a, v8f b) { return mask ? a : b; }
-
 // exp(x) for x <= ~88 (the callers' exponents are <= 0 up to rounding): Cephes expf's range
 // reduction and polynomial, ~1 ulp; below -87.3 it returns ~1e-38 instead of 0 (the callers add
 // it to a sum that holds a term >= exp(-|c|)... of order one, or mask the lane).
-FT_ALWAYS_INLINE v8f exp8(v8f x) {
-  const v8f hi = splat(88.3762626647949f), lo = splat(-87.3365478515625f);
+FT_ALWAYS_INLINE f32x8 exp8(f32x8 x) {
+  const f32x8 hi = splat(88.3762626647949f), lo = splat(-87.3365478515625f);
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  const v8f fx = x * 1.44269504088896341f + 0.5f;
-  v8i n = __builtin_convertvector(fx, v8i);
-  v8f nf = __builtin_convertvector(n, v8f);
+  const f32x8 fx = x * 1.44269504088896341f + 0.5f;
+  i32x8 n = __builtin_convertvector(fx, i32x8);
+  f32x8 nf = __builtin_convertvector(n, f32x8);
   n = nf > fx ? n - 1 : n;  // floor
-  nf = __builtin_convertvector(n, v8f);
-  const v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  v8f p = splat(1.9875691500E-4f);
+  nf = __builtin_convertvector(n, f32x8);
+  const f32x8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f32x8 p = splat(1.9875691500E-4f);
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * (r * r) + r + 1.0f;
-  const v8i bits = (n + 127) << 23;
-  v8f scale;
+  const i32x8 bits = (n + 127) << 23;
+  f32x8 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-}
-
-FT_ALWAYS_INLINE float hsum(v8f v) {
-  float s = 0;
-  for (int k = 0; k < 8; ++k) s += v[k];
-  return s;
-}
-FT_ALWAYS_INLINE float hmin(v8f v) {
-  float s = v[0];
-  for (int k = 1; k < 8; ++k) s = v[k] < s ? v[k] : s;
-  return s;
-}
-FT_ALWAYS_INLINE float hmax(v8f v) {
-  float s = v[0];
-  for (int k = 1; k < 8; ++k) s = v[k] > s ? v[k] : s;
-  return s;
 }
 
 // min S over positives, max S over negatives of columns [begin, end) (end - begin a multiple of 8).
 FT_ALWAYS_INLINE void thresholds8(const float* s, const int64_t* ref, int64_t label, int64_t begin,
                                   int64_t end, float& min_pos, float& max_neg) {
-  const v8f inf = splat(std::numeric_limits<float>::infinity());
-  v8f lo = inf, hi = -inf;
+  const f32x8 inf = splat(std::numeric_limits<float>::infinity());
+  f32x8 lo = inf, hi = -inf;
   for (int64_t j = begin; j < end; j += 8) {
-    const v8f v = load8(s + j);
-    const v8i pos = label_mask(ref + j, label);
+    const f32x8 v = load_vec<float>(s + j);
+    const i32x8 pos = label_mask(ref + j, label);
     lo = select(pos & (v < lo), v, lo);
     hi = select(~pos & (v > hi), v, hi);
   }
-  min_pos = hmin(lo) < min_pos ? hmin(lo) : min_pos;
-  max_neg = hmax(hi) > max_neg ? hmax(hi) : max_neg;
+  min_pos = cpu::horizontal_min<float>(lo) < min_pos ? cpu::horizontal_min<float>(lo) : min_pos;
+  max_neg = cpu::horizontal_max<float>(hi) > max_neg ? cpu::horizontal_max<float>(hi) : max_neg;
 }
 
 // The mined masks of 8 columns (MS rule, or every pair when !mine).
 struct Mined {
-  v8i pos, neg;
+  i32x8 pos, neg;
 };
-FT_ALWAYS_INLINE Mined mined8(v8f v, v8i is_pos, bool mine, float eps, float min_pos, float max_neg) {
+FT_ALWAYS_INLINE Mined mined8(f32x8 v, i32x8 is_pos, bool mine, float eps, float min_pos, float max_neg) {
   if (!mine) return {is_pos, ~is_pos};
   return {is_pos & ((v - eps) < max_neg), ~is_pos & ((v + eps) > min_pos)};
+}
+
+// The exponents of 8 columns at s, x⁺ = −α(S − λ) − c⁺ for positives, x⁻ = β(S − λ) − c⁻ for
+// negatives, with the columns' positive mask and mined masks.
+FT_ALWAYS_INLINE f32x8 exponent8(const float* s, const int64_t* ref, int64_t label, bool mine, float eps,
+                                 float min_pos, float max_neg, float alpha, float beta, float base, float c_pos,
+                                 float c_neg, i32x8& is_pos, Mined& m) {
+  const f32x8 v = load_vec<float>(s);
+  is_pos = label_mask(ref, label);
+  m = mined8(v, is_pos, mine, eps, min_pos, max_neg);
+  const f32x8 d = v - base;
+  return select(is_pos, -alpha * d - c_pos, beta * d - c_neg);
 }
 
 // Σ exp(x − c) and counts over the mined columns of [begin, end), x⁺ = −α(S − λ), x⁻ = β(S − λ).
@@ -110,39 +104,36 @@ struct Sums {
 FT_ALWAYS_INLINE void exp_sums8(const float* s, const int64_t* ref, int64_t label, int64_t begin,
                                 int64_t end, bool mine, float eps, float min_pos, float max_neg,
                                 float alpha, float beta, float base, float c_pos, float c_neg, Sums& out) {
-  v8f sp = {}, sn = {}, np = {}, nn = {};
-  const v8f one = splat(1.0f), zero = {};
+  f32x8 sp = {}, sn = {}, np = {}, nn = {};
+  const f32x8 one = splat(1.0f), zero = {};
   for (int64_t j = begin; j < end; j += 8) {
-    const v8f v = load8(s + j);
-    const v8i is_pos = label_mask(ref + j, label);
-    const Mined m = mined8(v, is_pos, mine, eps, min_pos, max_neg);
-    const v8f d = v - base;
-    const v8f x = select(is_pos, -alpha * d - c_pos, beta * d - c_neg);
-    const v8f e = exp8(x);
+    i32x8 is_pos;
+    Mined m;
+    const f32x8 e = exp8(exponent8(s + j, ref + j, label, mine, eps, min_pos, max_neg, alpha, beta, base, c_pos,
+                                   c_neg, is_pos, m));
     sp += select(m.pos, e, zero);
     sn += select(m.neg, e, zero);
     np += select(m.pos, one, zero);
     nn += select(m.neg, one, zero);
   }
-  out.pos += hsum(sp);
-  out.neg += hsum(sn);
-  out.n_pos += hsum(np);
-  out.n_neg += hsum(nn);
+  out.pos += cpu::horizontal_sum<float>(sp);
+  out.neg += cpu::horizontal_sum<float>(sn);
+  out.n_pos += cpu::horizontal_sum<float>(np);
+  out.n_neg += cpu::horizontal_sum<float>(nn);
 }
 
 // dL/dS over [begin, end), written over the similarities.
 FT_ALWAYS_INLINE void grad8(float* s, const int64_t* ref, int64_t label, int64_t begin, int64_t end,
                             bool mine, float eps, float min_pos, float max_neg, float alpha, float beta,
                             float base, float lse_pos, float lse_neg, float w) {
-  const v8f zero = {};
+  const f32x8 zero = {};
   for (int64_t j = begin; j < end; j += 8) {
-    const v8f v = load8(s + j);
-    const v8i is_pos = label_mask(ref + j, label);
-    const Mined m = mined8(v, is_pos, mine, eps, min_pos, max_neg);
-    const v8f d = v - base;
-    const v8f x = select(is_pos, -alpha * d - lse_pos, beta * d - lse_neg);
-    const v8f g = exp8(x) * select(is_pos, splat(-w), splat(w));
-    store8(s + j, select(m.pos | m.neg, g, zero));
+    i32x8 is_pos;
+    Mined m;
+    const f32x8 x = exponent8(s + j, ref + j, label, mine, eps, min_pos, max_neg, alpha, beta, base, lse_pos,
+                              lse_neg, is_pos, m);
+    const f32x8 g = exp8(x) * select(is_pos, splat(-w), splat(w));
+    store_vec<float>(s + j, select(m.pos | m.neg, g, zero));
   }
 }
 

@@ -7,12 +7,14 @@
 // contract).
 #include "mining.h"
 
+#include "../common/backend.h"
+
 #include "../common/checks.h"
-#include "../common/cuda_utils.cuh"
+#include "../common/cuda/launch.cuh"
+#include "../common/cuda/reduce.cuh"
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <limits>
 
@@ -20,30 +22,16 @@ namespace fusedtrain {
 namespace mining {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using cuda::block_arg_best;
+using cuda::block_reduce;
+using cuda::kThreads;
+using cuda::kWarps;
+using cuda::MaxOp;
+using cuda::MinOp;
+using cuda::SumOp;
 
 template <typename T>
 __device__ __forceinline__ T inf() { return std::numeric_limits<T>::infinity(); }
-
-struct MinOp { template <typename T> __device__ T operator()(T a, T b) const { return b < a ? b : a; } };
-struct MaxOp { template <typename T> __device__ T operator()(T a, T b) const { return b > a ? b : a; } };
-struct SumOp { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
-
-// Reduction over the block, the result returned to every thread. `smem` holds kWarps values and may
-// be reused right after (the leading barrier protects the previous use).
-template <typename T, typename Op>
-__device__ __forceinline__ T block_reduce(T v, Op op, T* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = smem[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) v = op(v, smem[w]);
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ Lse<T> block_reduce_lse(Lse<T> v, T* smem_max, T* smem_sum) {
@@ -68,28 +56,6 @@ __device__ __forceinline__ Lse<T> block_reduce_lse(Lse<T> v, T* smem_max, T* sme
     out.merge(part);
   }
   return out;
-}
-
-// Hardest (value, column) of the block: `better` decides, ties to the lower column.
-template <typename T, typename Better>
-__device__ __forceinline__ int64_t block_arg_best(T v, int64_t j, Better better, T* smem_v, int64_t* smem_j) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const T ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int64_t oj = __shfl_xor_sync(0xffffffffu, j, o);
-    if (better(ov, oj, v, j)) { v = ov; j = oj; }
-  }
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) {
-    smem_v[threadIdx.x >> 5] = v;
-    smem_j[threadIdx.x >> 5] = j;
-  }
-  __syncthreads();
-  v = smem_v[0];
-  j = smem_j[0];
-  for (int w = 1; w < kWarps; ++w)
-    if (better(smem_v[w], smem_j[w], v, j)) { v = smem_v[w]; j = smem_j[w]; }
-  return j;
 }
 
 template <typename T>
@@ -308,9 +274,10 @@ void tile_kernel_cuda(const TileLaunch& L) {
 }
 
 }  // namespace
+
+constexpr Kernels kCudaKernels{tile_kernel_cuda};
+
 }  // namespace mining
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  FUSEDTRAIN_MINING_IMPL(m, &fusedtrain::mining::tile_kernel_cuda);
-}
+FT_REGISTER_BACKEND(CUDA, fusedtrain::mining::kCudaKernels)

@@ -2,7 +2,9 @@
 // backends), allocation, and the assembly of the CSR-by-token result every routing returns.
 #include "sae.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
+#include "../common/dispatch.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
@@ -33,11 +35,6 @@ Routing parse_routing(const std::string& routing) {
   FT_CHECK_VALUE(false, "routing must be one of 'topk', 'feature_choice', 'mutual_choice', 'threshold', got '",
                  routing, "'");
   return kTopK;  // not reached
-}
-
-// Rows must be unit-stride for the kernels; any row stride is fine.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
 }
 
 void check_pre(const at::Tensor& pre) {
@@ -273,6 +270,62 @@ std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const 
     K.segment_sum(col_ptr.contiguous(), perm.contiguous(), token.contiguous(), coef.contiguous(),
                   src.contiguous(), out, coef_sum);
   return {out, coef_sum};
+}
+
+
+namespace {
+
+// The registered ops (schema signatures): each runs on the device of the tensor it guards.
+std::tuple<at::Tensor, at::Tensor> topk_select_op(const at::Tensor& pre, int64_t k) {
+  const DeviceScope scope(pre);
+  return topk_select(pre, k, backend<Kernels>(pre));
+}
+Csr4 route_op(const at::Tensor& pre, c10::string_view routing, int64_t k, const c10::optional<at::Tensor>& theta) {
+  const DeviceScope scope(pre);
+  return route(pre, std::string(routing), k, theta, backend<Kernels>(pre));
+}
+Csr4 encode_op(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
+               c10::string_view routing, int64_t k, const c10::optional<at::Tensor>& theta) {
+  const DeviceScope scope(x);
+  return encode(x, W_enc, b_enc, b_dec, std::string(routing), k, theta, backend<Kernels>(x));
+}
+at::Tensor gather_rows_op(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
+                          const at::Tensor& table, const c10::optional<at::Tensor>& bias) {
+  const DeviceScope scope(table);
+  return gather_rows(row_ptr, col, coef, table, bias, backend<Kernels>(table));
+}
+at::Tensor sampled_dot_op(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
+                          const at::Tensor& table) {
+  const DeviceScope scope(grad);
+  return sampled_dot(row_ptr, col, grad, table, backend<Kernels>(grad));
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_op(const at::Tensor& row_ptr, const at::Tensor& col,
+                                                      int64_t num_cols) {
+  const DeviceScope scope(col);
+  // The CPU kernel reads row_ptr on the host: a CUDA row_ptr must not reach it.
+  if (row_ptr.defined() && col.defined()) check_same_device(col, row_ptr, "feature", "row_ptr");
+  return backend<Kernels>(col).csc(row_ptr, col, num_cols);
+}
+std::tuple<at::Tensor, at::Tensor> segment_sum_op(const at::Tensor& col_ptr, const at::Tensor& perm,
+                                                  const at::Tensor& token, const at::Tensor& coef,
+                                                  const at::Tensor& src) {
+  const DeviceScope scope(src);
+  // The CPU kernel reads the index vectors on the host: CUDA ones must not reach it.
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{col_ptr, "col_ptr"}, {perm, "perm"}, {token, "token"}})
+    if (t.defined() && src.defined()) check_same_device(t, src, name, "src");
+  return segment_sum(col_ptr, perm, token, coef, src, backend<Kernels>(src));
+}
+
+}  // namespace
+
+void Kernels::impl_ops(torch::Library& m) {
+  m.impl("sae_topk_select", &topk_select_op);
+  m.impl("sae_route", &route_op);
+  m.impl("sae_encode", &encode_op);
+  m.impl("sae_gather_rows", &gather_rows_op);
+  m.impl("_sae_sampled_dot", &sampled_dot_op);
+  m.impl("_sae_segment_sum", &segment_sum_op);
+  m.impl("_sae_csc", &csc_op);
 }
 
 }  // namespace sae

@@ -10,6 +10,10 @@
 #include <string>
 #include <tuple>
 
+namespace torch {
+class Library;
+}
+
 namespace fusedtrain {
 namespace sae {
 
@@ -48,6 +52,10 @@ struct Kernels {
   void (*segment_sum)(const at::Tensor& col_ptr, const at::Tensor& perm, const at::Tensor& token,
                       const at::Tensor& coef, const at::Tensor& src, const at::Tensor& out,
                       const at::Tensor& coef_sum);
+  // The CSC form of a CSR (col_ptr, perm, token): each feature's entries in token order.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*csc)(const at::Tensor& row_ptr, const at::Tensor& col,
+                                                        int64_t num_cols);
+  static void impl_ops(torch::Library& m);  // sae.cpp
 };
 
 using Csr4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -61,15 +69,12 @@ at::Tensor gather_rows(const at::Tensor& row_ptr, const at::Tensor& col, const a
                        const at::Tensor& table, const c10::optional<at::Tensor>& bias, const Kernels& K);
 at::Tensor sampled_dot(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
                        const at::Tensor& table, const Kernels& K);
+// Kernels::csc from torch ops (a stable sort by feature): the CUDA backend's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csc(const at::Tensor& row_ptr, const at::Tensor& col,
                                                    int64_t num_cols);
 std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const at::Tensor& perm,
                                                const at::Tensor& token, const at::Tensor& coef,
                                                const at::Tensor& src, const Kernels& K);
-
-inline at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 }  // namespace sae
 }  // namespace fusedtrain

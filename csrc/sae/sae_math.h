@@ -48,5 +48,13 @@ FT_HOST_DEVICE inline uint32_t radix_bucket(double v) {
 }
 constexpr int kRadixBuckets = 1 << 16;
 
+// Entries [lo, hi) of row i of a CSR (column i of a CSC), clamped to [0, nnz] so a malformed
+// row_ptr cannot index out of bounds.
+FT_HOST_DEVICE inline void clamped_range(const int64_t* ptr, int64_t i, int64_t nnz, int64_t& lo, int64_t& hi) {
+  const int64_t a = ptr[i], b = ptr[i + 1];
+  lo = a < 0 ? 0 : (a > nnz ? nnz : a);
+  hi = b < lo ? lo : (b > nnz ? nnz : b);
+}
+
 }  // namespace sae
 }  // namespace fusedtrain

@@ -4,8 +4,10 @@
 // O(N·D): the largest buffers are the (D, d) weight gradient and (N, d') row projections.
 #include "linear_spherical.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
-#include "../common/cpu_utils.h"
+#include "../common/dispatch.h"
+#include "../common/cpu/memory.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/addmv.h>
@@ -13,8 +15,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/outer.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -24,11 +28,6 @@ namespace fusedtrain {
 namespace spherical {
 namespace linear {
 namespace {
-
-// Rows must be unit-stride for the row kernels; any row stride is fine.
-at::Tensor rows_unit_stride(const at::Tensor& t) {
-  return (t.stride(1) == 1 || t.size(1) == 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
-}
 
 void check_weight_and_bias(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_defined(weight, "linear_weight");
@@ -97,7 +96,7 @@ void accumulate_product(at::Tensor dst, const at::Tensor& X, const at::Tensor& Y
 constexpr int64_t kSymmetricMinColumns = 1024;
 
 // Q += Aᵀ·A for a block A of rows of W' (first: Q = AᵀA). With the symmetric split, only Q's upper
-// blocks are written here; gram() mirrors them at the end.
+// blocks are written here; gram() mirrors Q's upper triangle at the end (symmetric_from_upper).
 void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   const auto acc = Q.scalar_type();
   const at::Tensor up = A.scalar_type() == acc || A.is_cuda() ? A : A.to(acc);  // a block, never all of W
@@ -113,12 +112,14 @@ void add_block(at::Tensor& Q, const at::Tensor& A, bool first) {
   }
 }
 
-// The lower off-diagonal block of a Q built by add_block from its upper blocks.
-void mirror_lower_block(at::Tensor& Q) {
-  const int64_t n = Q.size(0);
-  if (n < kSymmetricMinColumns) return;
-  const int64_t h = n / 2;
-  Q.narrow(0, h, n - h).narrow(1, 0, h).copy_(Q.narrow(0, 0, h).narrow(1, h, n - h).t());
+// Q's upper triangle (diagonal included) with its transpose as the lower one: symmetric to the bit
+// on every path. A GEMM need not round Q[i][j] and Q[j][i] alike (its blocking and summation order
+// depend on the BLAS and the CPU), nor does outer(colsum, mean); and add_block's symmetric split
+// leaves the lower off-diagonal block unwritten. at::where selects (never multiplies), so whatever
+// the lower triangle held, NaN included, cannot reach the result.
+at::Tensor symmetric_from_upper(const at::Tensor& Q) {
+  const at::Tensor strictly_lower = at::ones(Q.sizes(), Q.options().dtype(at::kBool)).tril_(-1);
+  return at::where(strictly_lower, Q.t(), Q);
 }
 
 // A·B in fp32 for A bf16 (exact) and B fp32, at fp32 accuracy and bf16 tensor-core speed: B is split
@@ -141,8 +142,6 @@ at::Tensor mm_split_bf16(const at::Tensor& A, const at::Tensor& B) {
   }
   return out;
 }
-
-}  // namespace
 
 // The statistics of W' = [W | bias]: its column sums w̄' and its *centered* Gram (scatter) matrix
 // C = Σ_k (W'_k − m)(W'_k − m)ᵀ about the mean row m = w̄'/D, both (d',) / (d', d') in acc_t. With
@@ -187,16 +186,15 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight_in, const std::
       add_block(C, block, start == 0);
     }
   }
-  mirror_lower_block(C);
   if (!center_blocks) C.sub_(at::outer(colsum, mean));
-  return {C, colsum};
+  return {symmetric_from_upper(C), colsum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_in, const at::Tensor& gram_in, const at::Tensor& colsum_in,
     const std::string& kind, double a, double b, double eps, double var_eps, int64_t ignore_index,
-    const std::string& reduction, bool check_target, const Kernels& kernels) {
+    const std::string& reduction, bool check_target) {
   check_inputs(input_in, weight_in, bias, target_in);
   const Params params = make_params(kind, a, b, eps, var_eps);
   const int red = parse_reduction(reduction);
@@ -223,29 +221,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   L.row_loss = at::empty({N}, acc_opts);
   L.coef = at::empty({N, kCoefs}, acc_opts);
   L.bad_target = at::zeros({1}, input_in.options().dtype(at::kInt));
-  at::Tensor count;
-  if (red == kMean) {
-    count = target_in.ne(ignore_index).sum().to(acc);  // on the device, no sync
-    L.scale = count.reciprocal();
-  }
-  if (N > 0) kernels.forward(L);
+  const at::Tensor count = mean_count(target_in, ignore_index, red, acc);
+  if (red == kMean) L.scale = count.reciprocal();
+  if (N > 0) backend<Kernels>(weight_in).forward(L);
   if (check_target && N > 0 && L.bad_target.item<int>() != 0) throw_bad_target(D, ignore_index);
-  at::Tensor loss;
-  if (red == kNone) {
-    loss = L.row_loss.to(input_in.scalar_type());
-  } else {
-    loss = L.row_loss.sum();
-    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
-    loss = loss.to(input_in.scalar_type());
-  }
-  return {loss, L.coef, L.proj};
+  return {reduce_loss(L.row_loss, red, count, input_in.scalar_type()), L.coef, L.proj};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& input_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias, const at::Tensor& target_in, const at::Tensor& colsum,
-    const at::Tensor& coef_in, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask,
-    const Kernels& kernels) {
+    const at::Tensor& coef_in, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
   check_inputs(input_in, weight_in, bias, target_in);
   const int64_t N = input_in.size(0), d = input_in.size(1), D = weight_in.size(0);
   const bool with_bias = has(bias);
@@ -272,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (output_mask[0]) {
     InputGradLaunch L{weight, target, colsum.contiguous(), proj.contiguous(), coef, ignore_index,
                       at::empty({N, d}, input_in.options())};
-    if (N > 0) kernels.input_grad(L);
+    if (N > 0) backend<Kernels>(weight_in).input_grad(L);
     grad_input = L.grad_input;
   }
   at::Tensor grad_weight = empty(), grad_bias = empty();
@@ -313,10 +299,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       auto sorted = key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
       ScatterLaunch S{input, coef, std::get<0>(sorted), std::get<1>(sorted),
                       want_weight ? grad_weight : at::Tensor(), want_bias ? grad_bias : at::Tensor()};
-      kernels.scatter(S);
+      backend<Kernels>(weight_in).scatter(S);
     }
   }
   return {grad_input, grad_weight, grad_bias};
+}
+
+// The registered ops (schema signatures).
+std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const DeviceScope scope(weight);
+  return gram(weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_op(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, c10::string_view kind,
+    double a, double b, double eps, double var_eps, int64_t ignore_index, c10::string_view reduction,
+    bool check_target) {
+  const DeviceScope scope(weight);
+  return forward(input, weight, bias, target, gram, colsum, std::string(kind), a, b, eps, var_eps,
+                 ignore_index, std::string(reduction), check_target);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_op(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
+    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
+  const DeviceScope scope(weight);
+  return backward(grad_loss, input, weight, bias, target, colsum, coef, proj, ignore_index, output_mask);
+}
+
+}  // namespace
+
+void Kernels::impl_ops(torch::Library& m) {
+  m.impl("_linear_spherical_gram", &gram_op);
+  m.impl("linear_spherical_loss", &loss_op);
+  m.impl("_linear_spherical_loss_backward", &loss_backward_op);
 }
 
 }  // namespace linear

@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -42,6 +43,16 @@ FT_HOST_DEVICE inline RowCoefficients<acc> centered_row_coefficients(acc s, acc 
   RowCoefficients<acc> r = row_coefficients<acc>(s, qc + s * mu, oc, D, p);
   r.alpha += r.beta * mu;
   return r;
+}
+
+// Whether a row with target c gathers nothing: c is ignore_index or out of range. Its outputs then
+// hold `fill`: 0 for an ignored row, NaN for an out-of-range target (which the forward flags).
+// Shared by the CPU and CUDA kernels.
+template <typename acc>
+FT_HOST_DEVICE inline bool skips_row(int64_t c, int64_t D, int64_t ignore_index, acc& fill) {
+  if (!(c == ignore_index || !target_is_valid(c, D, ignore_index))) return false;
+  fill = c == ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
+  return true;
 }
 
 // Forward rows: s, qc, o_c -> row_loss, coef; flags out-of-range targets.
@@ -80,28 +91,13 @@ struct ScatterLaunch {
   at::Tensor grad_bias;    // (D,) contiguous, or undefined
 };
 
+// What each backend supplies (common/backend.h).
 struct Kernels {
   void (*forward)(const ForwardLaunch&);
   void (*input_grad)(const InputGradLaunch&);
   void (*scatter)(const ScatterLaunch&);
+  static void impl_ops(torch::Library& m);  // linear_spherical.cpp
 };
-
-// The centered Gram matrix C (d', d') and the column sums w̄' (d',) in the accumulate type.
-std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-
-// (loss, coef, proj): proj is saved for the backward (it spares a second N·d'² product).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, const std::string& kind,
-    double a, double b, double eps, double var_eps, int64_t ignore_index, const std::string& reduction,
-    bool check_target, const Kernels& kernels);
-
-// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
-    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index,
-    std::array<bool, 3> output_mask, const Kernels& kernels);
 
 }  // namespace linear
 }  // namespace spherical

@@ -3,10 +3,10 @@
 // projection p_n, the column sums and the target row W_{c_n} once, accumulating in acc_t.
 #include "linear_spherical.h"
 
+#include "../common/backend.h"
+#include "../common/cpu/parallel.h"
 #include "../common/dispatch.h"
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
@@ -34,15 +34,13 @@ void forward_rows(const ForwardLaunch& L) {
   const int64_t dp = L.proj.size(1), in_stride = L.input.stride(0), w_stride = L.weight.stride(0);
   const Params params = L.params;
   const acc Dacc = static_cast<acc>(D);
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t c = target[n];
       acc* cf = coef + n * kCoefs;
-      if (c == L.ignore_index || !target_is_valid(c, D, L.ignore_index)) {
-        // Ignored rows contribute nothing; out-of-range rows are NaN and flagged (never gathered).
-        const bool ignored = c == L.ignore_index;
-        const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
-        if (!ignored) __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
+      acc fill;
+      if (skips_row(c, D, L.ignore_index, fill)) {
+        if (c != L.ignore_index) __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
         row_loss[n] = fill;
         for (int j = 0; j < kCoefs; ++j) cf[j] = fill;
         continue;
@@ -82,14 +80,13 @@ void input_grad_rows(const InputGradLaunch& L) {
   scalar_t* out = L.grad_input.data_ptr<scalar_t>();
   const int64_t N = L.grad_input.size(0), d = L.grad_input.size(1), D = L.weight.size(0);
   const int64_t dp = L.proj.size(1), w_stride = L.weight.stride(0);
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t c = target[n];
       scalar_t* g = out + n * d;
-      if (c == L.ignore_index || !target_is_valid(c, D, L.ignore_index)) {
-        const scalar_t fill = static_cast<scalar_t>(
-            c == L.ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN());
-        std::fill(g, g + d, fill);
+      acc fill;
+      if (skips_row(c, D, L.ignore_index, fill)) {
+        std::fill(g, g + d, static_cast<scalar_t>(fill));
         continue;
       }
       const acc alpha = coef[n * kCoefs + kAlpha], beta = coef[n * kCoefs + kBeta],
@@ -115,7 +112,7 @@ void scatter_rows(const ScatterLaunch& L) {
   const int64_t D = gw ? L.grad_weight.size(0) : L.grad_bias.size(0);
   // A segment (one class) belongs to the thread whose range holds its first sorted position, so
   // each grad row is written by one thread, summing its rows in sorted (stable) order.
-  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  cpu::parallel_rows(N, d, [&](int64_t begin, int64_t end) {
     std::vector<acc> sum(gw ? d : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = key[i];
@@ -155,32 +152,12 @@ void scatter_cpu(const ScatterLaunch& L) {
                                [&] { scatter_rows<scalar_t>(L); });
 }
 
+}  // namespace
+
 constexpr Kernels kCpuKernels{forward_cpu, input_grad_cpu, scatter_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& gram, const at::Tensor& colsum, c10::string_view kind,
-    double a, double b, double eps, double var_eps, int64_t ignore_index, c10::string_view reduction,
-    bool check_target) {
-  return forward(input, weight, bias, target, gram, colsum, std::string(kind), a, b, eps, var_eps,
-                 ignore_index, std::string(reduction), check_target, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
-    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
-  return backward(grad_loss, input, weight, bias, target, colsum, coef, proj, ignore_index, output_mask,
-                  kCpuKernels);
-}
-
-}  // namespace
 }  // namespace linear
 }  // namespace spherical
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("_linear_spherical_gram", &fusedtrain::spherical::linear::gram);
-  m.impl("linear_spherical_loss", &fusedtrain::spherical::linear::loss_cpu);
-  m.impl("_linear_spherical_loss_backward", &fusedtrain::spherical::linear::loss_backward_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::spherical::linear::kCpuKernels)

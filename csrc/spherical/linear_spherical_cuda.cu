@@ -5,11 +5,12 @@
 // order and adds the sum to the class's gradient row: deterministic, no float atomics.
 #include "linear_spherical.h"
 
-#include "../common/cuda_utils.cuh"
+#include "../common/backend.h"
+
+#include "../common/cuda/reduce.cuh"
 #include "../common/dispatch.h"
 
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <limits>
 
@@ -36,13 +37,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (n >= N) return;  // whole warps leave together
   const int64_t c = target[n];
   acc* cf = coef + n * kCoefs;
-  if (c == ignore_index || !target_is_valid(c, D, ignore_index)) {
+  acc fill;
+  if (skips_row(c, D, ignore_index, fill)) {
     if (lane == 0) {
-      const bool ignored = c == ignore_index;
-      const acc fill = ignored ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
       row_loss[n] = fill;
       for (int j = 0; j < kCoefs; ++j) cf[j] = fill;
-      if (!ignored) *bad = 1;
+      if (c != ignore_index) *bad = 1;
     }
     return;
   }
@@ -85,10 +85,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (n >= N) return;
   const int64_t c = target[n];
   scalar_t* g = out + n * d;
-  if (c == ignore_index || !target_is_valid(c, D, ignore_index)) {
-    const scalar_t fill =
-        static_cast<scalar_t>(c == ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN());
-    for (int64_t k = lane; k < d; k += 32) g[k] = fill;
+  acc fill;
+  if (skips_row(c, D, ignore_index, fill)) {
+    for (int64_t k = lane; k < d; k += 32) g[k] = static_cast<scalar_t>(fill);
     return;
   }
   const acc alpha = coef[n * kCoefs + kAlpha], beta = coef[n * kCoefs + kBeta],
@@ -178,39 +177,12 @@ void scatter_cuda(const ScatterLaunch& L) {
   });
 }
 
+}  // namespace
+
 constexpr Kernels kCudaKernels{forward_cuda, input_grad_cuda, scatter_cuda};
 
-std::tuple<at::Tensor, at::Tensor> gram_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(weight.device());
-  return gram(weight, bias);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cuda(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& gram_, const at::Tensor& colsum, c10::string_view kind,
-    double a, double b, double eps, double var_eps, int64_t ignore_index, c10::string_view reduction,
-    bool check_target) {
-  const c10::cuda::CUDAGuard guard(weight.device());
-  return forward(input, weight, bias, target, gram_, colsum, std::string(kind), a, b, eps, var_eps,
-                 ignore_index, std::string(reduction), check_target, kCudaKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& colsum,
-    const at::Tensor& coef, const at::Tensor& proj, int64_t ignore_index, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(weight.device());
-  return backward(grad_loss, input, weight, bias, target, colsum, coef, proj, ignore_index, output_mask,
-                  kCudaKernels);
-}
-
-}  // namespace
 }  // namespace linear
 }  // namespace spherical
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  m.impl("_linear_spherical_gram", &fusedtrain::spherical::linear::gram_cuda);
-  m.impl("linear_spherical_loss", &fusedtrain::spherical::linear::loss_cuda);
-  m.impl("_linear_spherical_loss_backward", &fusedtrain::spherical::linear::loss_backward_cuda);
-}
+FT_REGISTER_BACKEND(CUDA, fusedtrain::spherical::linear::kCudaKernels)

@@ -2,7 +2,9 @@
 // supply only row kernels; everything a user can get wrong is checked here, once, for both.
 #include "spherical.h"
 
+#include "../common/backend.h"
 #include "../common/checks.h"
+#include "../common/dispatch.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -69,25 +71,23 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   __builtin_unreachable();
 }
 
-at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+at::Tensor mean_count(const at::Tensor& target, int64_t ignore_index, int reduction, at::ScalarType acc) {
+  return reduction == kMean ? target.ne(ignore_index).sum().to(acc) : at::Tensor();
+}
+
+at::Tensor reduce_loss(const at::Tensor& row_loss, int reduction, const at::Tensor& count, at::ScalarType dtype) {
+  if (reduction == kNone) return row_loss.to(dtype);
+  at::Tensor loss = row_loss.sum();
+  if (reduction == kMean) loss = loss.div(count);
+  return loss.to(dtype);
 }
 
 namespace {
 
-// Rows must be unit-stride for the vectorized kernels; a row stride of any size is fine.
-at::Tensor rows_unit_stride(const at::Tensor& logits) {
-  return (logits.stride(1) == 1 || logits.size(1) == 1) && logits.stride(0) >= logits.size(1)
-             ? logits
-             : logits.contiguous();
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::string& kind, double a,
     double b, double eps, double var_eps, int64_t ignore_index, const std::string& reduction,
-    bool compute_grad, bool check_target, RowKernel kernel) {
+    bool compute_grad, bool check_target) {
   check_inputs(logits_in, target_in);
   const Params params = make_params(kind, a, b, eps, var_eps);
   const int red = parse_reduction(reduction);
@@ -108,30 +108,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   launch.coef = at::empty({N, kCoefCount}, acc_opts);
   launch.grad = compute_grad ? at::empty(logits_in.sizes(), logits_in.options()) : at::Tensor();
   launch.bad_target = at::zeros({1}, logits_in.options().dtype(at::kInt));
-  at::Tensor count;
-  if (red == kMean) {
-    // Kept rows, counted on the device (no sync): the kernel scales coef and grad by 1/count.
-    count = target_in.ne(ignore_index).sum().to(acc);
-    launch.weight = count.reciprocal();
-  }
-  if (N > 0) kernel(launch);
+  const at::Tensor count = mean_count(target_in, ignore_index, red, acc);
+  if (red == kMean) launch.weight = count.reciprocal();  // the kernel scales coef and grad by 1/count
+  if (N > 0) backend<Kernels>(logits_in).rows(launch);
   // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
   if (check_target && N > 0 && launch.bad_target.item<int>() != 0)
     throw_bad_target(logits_in.size(1), ignore_index);
-  at::Tensor loss;
-  if (red == kNone) {
-    loss = launch.row_loss.to(logits_in.scalar_type());
-  } else {
-    loss = launch.row_loss.sum();
-    if (red == kMean) loss = loss.div(count);  // 0/0 = NaN when every row is ignored, as torch
-    loss = loss.to(logits_in.scalar_type());
-  }
+  const at::Tensor loss = reduce_loss(launch.row_loss, red, count, logits_in.scalar_type());
   at::Tensor grad = compute_grad ? launch.grad : at::empty({0}, logits_in.options());
   return {loss, grad, launch.coef};
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& target,
-                    const at::Tensor& coef, int64_t ignore_index, RowKernel kernel) {
+                    const at::Tensor& coef, int64_t ignore_index) {
   check_inputs(logits_in, target);
   const int64_t N = logits_in.size(0);
   const auto acc = accumulate_type(logits_in.scalar_type());
@@ -150,16 +139,47 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, co
   launch.coef = coef.contiguous();
   launch.upstream = grad_loss.to(acc).contiguous();
   launch.grad = at::empty(logits_in.sizes(), logits_in.options());
-  if (N > 0) kernel(launch);
+  if (N > 0) backend<Kernels>(logits_in).rows(launch);
   return launch.grad;
 }
 
-void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss, ScaleKernel kernel) {
+void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss) {
   FT_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
                     grad_loss.sizes());
   check_same_device(grad_loss, grad, "grad_loss", "grad");
   FT_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
-  if (grad.numel() > 0) kernel(grad, grad_loss.to(accumulate_type(grad.scalar_type())).reshape({}));
+  if (grad.numel() > 0)
+    backend<Kernels>(grad).scale(grad, grad_loss.to(accumulate_type(grad.scalar_type())).reshape({}));
+}
+
+// The registered ops (schema signatures).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spherical_loss_op(
+    const at::Tensor& logits, const at::Tensor& target, c10::string_view kind, double a, double b,
+    double eps, double var_eps, int64_t ignore_index, c10::string_view reduction, bool compute_grad,
+    bool check_target) {
+  const DeviceScope scope(logits);
+  return forward(logits, target, std::string(kind), a, b, eps, var_eps, ignore_index,
+                 std::string(reduction), compute_grad, check_target);
+}
+
+at::Tensor spherical_loss_backward_op(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                      const at::Tensor& target, const at::Tensor& coef,
+                                      int64_t ignore_index) {
+  const DeviceScope scope(logits);
+  return backward(grad_loss, logits, target, coef, ignore_index);
+}
+
+void scale_grad_op(at::Tensor& grad, const at::Tensor& grad_loss) {
+  const DeviceScope scope(grad);
+  scale_grad(grad, grad_loss);
+}
+
+}  // namespace
+
+void Kernels::impl_ops(torch::Library& m) {
+  m.impl("spherical_loss", &spherical_loss_op);
+  m.impl("_spherical_loss_backward", &spherical_loss_backward_op);
+  m.impl("_scale_grad_", &scale_grad_op);
 }
 
 }  // namespace spherical

@@ -9,6 +9,10 @@
 #include <string>
 #include <tuple>
 
+namespace torch {
+class Library;
+}
+
 namespace fusedtrain {
 namespace spherical {
 
@@ -75,21 +79,22 @@ RowPointers<scalar_t> row_pointers(const RowLaunch& L) {
 // Argument parsing and conventions shared by the logits-level and the fused linear op.
 Params make_params(const std::string& kind, double a, double b, double eps, double var_eps);
 int parse_reduction(const std::string& reduction);
-at::ScalarType accumulate_type(at::ScalarType dtype);
 [[noreturn]] void throw_bad_target(int64_t D, int64_t ignore_index);
+// For reduction 'mean': the kept rows (target != ignore_index), counted on the device (no sync), in
+// the accumulate type `acc`; undefined for 'sum' and 'none'.
+at::Tensor mean_count(const at::Tensor& target, int64_t ignore_index, int reduction, at::ScalarType acc);
+// The loss of per-row losses: the rows for 'none', else their sum (divided by `count` for 'mean':
+// 0/0 = NaN when every row is ignored, as torch), converted to `dtype`.
+at::Tensor reduce_loss(const at::Tensor& row_loss, int reduction, const at::Tensor& count, at::ScalarType dtype);
 
-using RowKernel = void (*)(const RowLaunch&);
-using ScaleKernel = void (*)(at::Tensor& grad, const at::Tensor& factor);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& logits, const at::Tensor& target, const std::string& kind, double a, double b,
-    double eps, double var_eps, int64_t ignore_index, const std::string& reduction, bool compute_grad,
-    bool check_target, RowKernel kernel);
-
-at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                    const at::Tensor& coef, int64_t ignore_index, RowKernel kernel);
-
-void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss, ScaleKernel kernel);
+// What each backend supplies (common/backend.h).
+struct Kernels {
+  // The row kernel of one launch, forward or backward (RowLaunch::upstream decides).
+  void (*rows)(const RowLaunch& launch);
+  // grad *= factor (a 0-dim accumulate-type tensor), in place.
+  void (*scale)(at::Tensor& grad, const at::Tensor& factor);
+  static void impl_ops(torch::Library& m);  // spherical.cpp
+};
 
 }  // namespace spherical
 }  // namespace fusedtrain

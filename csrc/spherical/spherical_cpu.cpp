@@ -3,11 +3,13 @@
 // once. The row loops use explicit SIMD vectors with several accumulators in flight; an AVX2 build
 // of them is chosen at run time where the CPU has it.
 #include "spherical.h"
-#include "../common/cpu_utils.h"
+
+#include "../common/backend.h"
+#include "../common/cpu/memory.h"
+#include "../common/cpu/simd.h"
 #include "../common/dispatch.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -165,30 +167,11 @@ void scale_kernel_cpu(at::Tensor& grad, const at::Tensor& factor) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spherical_loss_cpu(
-    const at::Tensor& logits, const at::Tensor& target, c10::string_view kind, double a, double b,
-    double eps, double var_eps, int64_t ignore_index, c10::string_view reduction, bool compute_grad,
-    bool check_target) {
-  return forward(logits, target, std::string(kind), a, b, eps, var_eps, ignore_index,
-                 std::string(reduction), compute_grad, check_target, row_kernel_cpu);
-}
-
-at::Tensor spherical_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                       const at::Tensor& target, const at::Tensor& coef,
-                                       int64_t ignore_index) {
-  return backward(grad_loss, logits, target, coef, ignore_index, row_kernel_cpu);
-}
-
-void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
-  scale_grad(grad, grad_loss, scale_kernel_cpu);
-}
-
 }  // namespace
+
+constexpr Kernels kCpuKernels{row_kernel_cpu, scale_kernel_cpu};
+
 }  // namespace spherical
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
-  m.impl("spherical_loss", &fusedtrain::spherical::spherical_loss_cpu);
-  m.impl("_spherical_loss_backward", &fusedtrain::spherical::spherical_loss_backward_cpu);
-  m.impl("_scale_grad_", &fusedtrain::spherical::scale_grad_cpu);
-}
+FT_REGISTER_BACKEND(CPU, fusedtrain::spherical::kCpuKernels)

@@ -10,12 +10,14 @@
 // gradient from the saved coefficients times the upstream gradient.
 #include "spherical.h"
 
+#include "../common/backend.h"
+
 #include "../common/checks.h"
-#include "../common/cuda_utils.cuh"
+#include "../common/cuda/launch.cuh"
+#include "../common/cuda/reduce.cuh"
+#include "../common/cuda/vector_io.cuh"
 #include "../common/dispatch.h"
 
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -281,33 +283,11 @@ void scale_kernel_cuda(at::Tensor& grad, const at::Tensor& factor) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spherical_loss_cuda(
-    const at::Tensor& logits, const at::Tensor& target, c10::string_view kind, double a, double b,
-    double eps, double var_eps, int64_t ignore_index, c10::string_view reduction, bool compute_grad,
-    bool check_target) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  return forward(logits, target, std::string(kind), a, b, eps, var_eps, ignore_index,
-                 std::string(reduction), compute_grad, check_target, row_kernel_cuda);
-}
-
-at::Tensor spherical_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                        const at::Tensor& target, const at::Tensor& coef,
-                                        int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  return backward(grad_loss, logits, target, coef, ignore_index, row_kernel_cuda);
-}
-
-void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_loss) {
-  const c10::cuda::CUDAGuard guard(grad.device());
-  scale_grad(grad, grad_loss, scale_kernel_cuda);
-}
-
 }  // namespace
+
+constexpr Kernels kCudaKernels{row_kernel_cuda, scale_kernel_cuda};
+
 }  // namespace spherical
 }  // namespace fusedtrain
 
-TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
-  m.impl("spherical_loss", &fusedtrain::spherical::spherical_loss_cuda);
-  m.impl("_spherical_loss_backward", &fusedtrain::spherical::spherical_loss_backward_cuda);
-  m.impl("_scale_grad_", &fusedtrain::spherical::scale_grad_cuda);
-}
+FT_REGISTER_BACKEND(CUDA, fusedtrain::spherical::kCudaKernels)
