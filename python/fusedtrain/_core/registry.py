@@ -31,23 +31,25 @@ def is_traced(*tensors) -> bool:
 
 def refuse_double_backward(name: str, reference: str, backward: Callable) -> Callable:
     """`backward`, raising NotImplementedError when autograd records a graph through it
-    (create_graph=True). Tracing runs backward with grad mode on, so traced calls pass through."""
+    (create_graph=True). Tracing runs backward with grad mode on, so traced calls pass through.
+    `name` is what the user called (e.g. "fusedtrain.sae.sparse_decode")."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
         tensors = [g for g in grads if isinstance(g, torch.Tensor)]
         if tensors and torch.is_grad_enabled() and not is_traced(*tensors):
-            raise NotImplementedError(f"fusedtrain.{name} does not support double backward (create_graph=True); "
+            raise NotImplementedError(f"{name} does not support double backward (create_graph=True); "
                                       f"use {reference}")
         return backward(ctx, *grads)
     return wrapped
 
 
 def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
-                setup_context: Callable | None = None, reference: str | None = None) -> None:
+                setup_context: Callable | None = None, api: str | None = None,
+                reference: str = "fusedtrain.reference") -> None:
     """Declare `fusedtrain::<name>` and, when the build defines it, attach its fake kernel and autograd.
 
-    reference: what to use instead for double backward (named in the error), default
-    `fusedtrain.reference`.
+    api: the public function(s) that run the op, named in errors (default `fusedtrain.<name>`);
+    reference: what to use instead for double backward.
     """
     backend.add_op(name)
     if not op_defined(name):
@@ -55,5 +57,5 @@ def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
     qualified = f"{NAMESPACE}::{name}"
     torch.library.register_fake(qualified)(fake)
     if backward is not None:
-        guarded = refuse_double_backward(name, reference or "fusedtrain.reference", backward)
+        guarded = refuse_double_backward(api or f"fusedtrain.{name}", reference, backward)
         torch.library.register_autograd(qualified, guarded, setup_context=setup_context)

@@ -147,10 +147,14 @@ def _gather_backward(ctx, grad_out):
     return None, None, dvalue, dtable, dbias
 
 
-register_op("sae_route", fake=_fake_route, backward=_route_backward, setup_context=_route_setup)
-register_op("sae_topk_select", fake=_fake_topk_select, backward=_topk_backward, setup_context=_topk_setup)
-register_op("sae_encode", fake=_fake_encode, backward=_encode_backward, setup_context=_encode_setup)
-register_op("sae_gather_rows", fake=_fake_gather_rows, backward=_gather_backward, setup_context=_gather_setup)
+register_op("sae_route", fake=_fake_route, backward=_route_backward, setup_context=_route_setup,
+            api="fusedtrain.sae's routings", reference="fusedtrain.reference.sae.route_mask")
+register_op("sae_topk_select", fake=_fake_topk_select, backward=_topk_backward, setup_context=_topk_setup,
+            api="fusedtrain.sae.topk_route(dense=True)", reference="fusedtrain.reference.sae.topk_select")
+register_op("sae_encode", fake=_fake_encode, backward=_encode_backward, setup_context=_encode_setup,
+            api="fusedtrain.sae.sae_encode", reference="fusedtrain.reference.sae.encode")
+register_op("sae_gather_rows", fake=_fake_gather_rows, backward=_gather_backward, setup_context=_gather_setup,
+            api="fusedtrain.sae.sparse_decode", reference="fusedtrain.reference.sae.decode")
 register_op("_sae_sampled_dot", fake=_fake_sampled_dot)
 register_op("_sae_csc", fake=_fake_csc)
 register_op("_sae_segment_sum", fake=_fake_segment_sum)
