@@ -91,3 +91,20 @@ def test_import_without_extension_uses_references(tmp_path):
             "assert len(msgs) == 1 and 'not built' in msgs[0], msgs\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=tmp_path)
+
+
+def test_cpu_capability_switch():
+    """FUSEDTRAIN_CPU_CAPABILITY=default (or ATEN_CPU_CAPABILITY=default) makes every CPU kernel take its
+    generic path, so the tests can run the code non-AVX2 CPUs run; `info` says which paths are used."""
+    if not hasattr(torch.ops.fusedtrain, "_cpu_capability"):
+        pytest.skip("this build has no _cpu_capability op")
+    code = ("import fusedtrain, torch; print(torch.ops.fusedtrain._cpu_capability(), "
+            "torch.backends.cpu.get_cpu_capability())")
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSEDTRAIN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, check=True,  # noqa: E731
+                                         capture_output=True, text=True).stdout.split()
+    assert run(FUSEDTRAIN_CPU_CAPABILITY="default")[0] == "default"
+    assert run(ATEN_CPU_CAPABILITY="default")[0] == "default"
+    native, aten = run()
+    assert native == ("avx2" if aten in ("AVX2", "AVX512") else "default"), (native, aten)
+    assert run(ATEN_CPU_CAPABILITY="default", FUSEDTRAIN_CPU_CAPABILITY="avx2")[0] == native

@@ -32,6 +32,9 @@ def info() -> int:
         cuda = (f"CUDA {build.get('BUILT_WITH_CUDA')} for archs {build.get('CUDA_ARCHS')}"
                 if build.get("WITH_CUDA") else "no CUDA")
         print(f"compiled kernels: CPU, {cuda} (built against torch {build.get('BUILT_WITH_TORCH')})")
+        capability = getattr(torch.ops.fusedtrain, "_cpu_capability", None)
+        if capability is not None:
+            print(f"CPU vector paths: {capability()} (FUSEDTRAIN_CPU_CAPABILITY=default: the generic ones)")
     print("ops:")
     for op in backend.public_ops():
         backends = backend.backends_for(op)

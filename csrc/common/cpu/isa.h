@@ -23,12 +23,26 @@
 #define FT_TARGET_AVX2_NO_FMA
 #endif
 
+#include <cstdlib>
+#include <cstring>
+
 namespace fusedtrain {
 namespace cpu {
 
+// Whether the environment asks for the generic (non-AVX2) paths: FUSEDTRAIN_CPU_CAPABILITY=default,
+// or, when that is unset, ATen's own ATEN_CPU_CAPABILITY=default. Users' CPUs are not all AVX2
+// machines: this lets the tests run the code those CPUs run, on this one.
+inline bool generic_paths_requested() {
+  const char* value = std::getenv("FUSEDTRAIN_CPU_CAPABILITY");
+  if (value == nullptr || *value == '\0') value = std::getenv("ATEN_CPU_CAPABILITY");
+  return value != nullptr && std::strcmp(value, "default") == 0;
+}
+
+// Read once, at the first kernel call.
 inline bool cpu_has_avx2() {
 #if FT_HAVE_AVX2_PATH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !generic_paths_requested();
   return has;
 #else
   return false;
