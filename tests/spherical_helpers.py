@@ -20,3 +20,24 @@ def make_case(n, d, device, dtype=torch.float32, *, ignore=True, scale=2.0):
     if ignore and n > 2:
         target[1] = -100
     return logits, target
+
+
+def plant_non_finite(logits, target, value):
+    """`value` (NaN or ±inf) at a non-target logit of row 2 and at the target logit of row 4."""
+    d = logits.shape[1]
+    logits[2, (target[2] + 1) % d] = value
+    logits[4, target[4]] = value
+    return [2, 4]
+
+
+def check_rows_non_finite(loss, grad, bad_rows, reduction):
+    """The loss (each bad row's, or the reduced one) and each bad row's gradient are not finite;
+    every other row stays finite."""
+    good = [r for r in range(grad.shape[0]) if r not in bad_rows]
+    if reduction == "none":
+        assert not torch.isfinite(loss[bad_rows]).any(), loss
+        assert torch.isfinite(loss[good]).all(), loss
+    else:
+        assert not torch.isfinite(loss), loss
+    assert all(not torch.isfinite(grad[r]).all() for r in bad_rows), grad[bad_rows]
+    assert torch.isfinite(grad[good]).all()

@@ -537,3 +537,42 @@ def test_inputs_on_different_devices_raise():
     h, w, b, t = make_case(4, 3, 5, "cuda")
     with pytest.raises(ValueError, match="target is on"):
         fusedtrain.linear_spherical_loss(h, w, t.cpu(), linear_bias=b)
+
+
+# Non-finite and huge values: NaN/inf in any operand reaches the loss and every gradient; a huge
+# weight gives the right loss or inf/NaN (its Gram matrix, ~|W|²·D, overflows fp32 beyond ~1e19).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["input", "weight", "bias", "gram", "colsum"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_operand_reaches_loss_and_gradients(device, needs_kernels, dtype, kind, where, value):
+    h, w, b, t = make_case(12, 8, 30, device, dtype, ignore=False)
+    stats = tuple(x.clone() for x in fusedtrain.linear_spherical_stats(w, b))
+    {"input": h, "weight": w, "bias": b, "gram": stats[0], "colsum": stats[1]}[where].view(-1)[3] = value
+    kw = {"stats": stats} if where in ("gram", "colsum") else {}  # else from the planted weight
+    for reduction in REDUCTIONS:
+        loss, grads = loss_and_grads(fusedtrain.linear_spherical_loss, h, w, b, t, kind=kind,
+                                     reduction=reduction, **kw)
+        assert not torch.isfinite(loss).all(), (reduction, loss)
+        assert all(not torch.isfinite(g).all() for g in grads), (reduction, grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("huge", ["row", 1e15, 1e30, 3e38])
+def test_huge_weight_right_or_non_finite(device, needs_kernels, kind, huge):
+    h, w, b, t = make_case(12, 8, 30, device, ignore=False)
+    if huge == "row":
+        w *= 2.0**50  # every logit ~1e15, the Gram matrix ~1e30·D still within fp32
+    else:
+        w[3, 2] = huge
+    loss, grads = loss_and_grads(fusedtrain.linear_spherical_loss, h, w, b, t, kind=kind, reduction="none")
+    ref, ref_grads = loss_and_grads(reference, h.double(), w.double(), b.double(), t, kind=kind, reduction="none")
+    wrong = torch.isfinite(loss) & ((loss.double() - ref).abs() > 1e-4 * ref.abs())
+    assert not wrong.any(), (loss, ref)  # the issue: 1e30 gave softplus(a·b)/a = 26.27 for every row
+    if huge in ("row", 1e15):  # right values (one 1e15 weight saturates the gradients: loss only)
+        assert torch.isfinite(loss).all()
+    if huge == "row":
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) <= 1e-4, (rel_err(g, r), g, r)
+    if not torch.isfinite(loss).all():
+        assert all(not torch.isfinite(g).all() for g in grads)

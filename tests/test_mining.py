@@ -438,3 +438,48 @@ def test_cpu_cuda_agree(needs_kernels_cpu):
         a, b = fn(x, labels, r, rl), fn(x.cuda(), labels.cuda(), r.cuda(), rl.cuda())
         assert pairs(*a[:2]) == pairs(*[t.cpu() for t in b[:2]])
         assert pairs(*a[2:]) == pairs(*[t.cpu() for t in b[2:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite and huge embeddings: a NaN/inf embedding makes the loss NaN (its NaN similarities are
+# mined, never silently dropped by a false comparison); a huge finite one normalizes correctly.
+
+LOSSES = {"ms_mined": (fm.multi_similarity_loss, dict(mine=True)),
+          "ms_all": (fm.multi_similarity_loss, dict(mine=False)), "tcm": (fm.tcm_loss, {})}
+REF_LOSSES = {"ms_mined": ref.multi_similarity_loss, "ms_all": ref.multi_similarity_loss, "tcm": ref.tcm_loss}
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_embedding_gives_nan_loss(device, needs_kernels, loss_name, dtype, with_ref, value):
+    fn, kw = LOSSES[loss_name]
+    for planted in ["embeddings"] + (["ref_emb"] if with_ref else []):
+        x, labels, r, rl = make_case(33, 40, 16, 4, device, dtype, with_ref=with_ref)
+        (x if planted == "embeddings" else r)[5, 3] = value
+        loss, grads = loss_and_grads(fn, x, labels, r, rl, True, **kw)
+        assert torch.isnan(loss), (planted, loss)
+        assert all(not torch.isfinite(g).all() for g in grads), planted
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype, huge", [(torch.float32, 1e30), (torch.float64, 1e300)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "in_batch"])
+def test_huge_embedding_normalizes_like_a_small_one(device, needs_kernels, loss_name, dtype, huge, with_ref):
+    # Cosine similarity is scale invariant: a row scaled by 1e30 (fp32; ‖x‖² overflows, F.normalize
+    # would give 0) has the loss of the unscaled row, and its gradient 1e-30 times.
+    fn, kw = LOSSES[loss_name]
+    x, labels, r, rl = make_case(33, 40, 16, 4, device, dtype, with_ref=with_ref)
+    big_x, big_r = x.clone(), None if r is None else r.clone()
+    big_x[5] *= huge
+    if r is not None:
+        big_r[7] *= huge
+    loss, grads = loss_and_grads(fn, big_x, labels, big_r, rl, True, **kw)
+    ref_loss, ref_grads = loss_and_grads(REF_LOSSES[loss_name], x, labels, r, rl, True, **kw)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (loss, ref_loss)
+    for g, rg, row in zip(grads, ref_grads, [5, 7]):
+        g = g.double().clone()
+        g[row] *= huge
+        assert (g - rg.double()).abs().max().item() <= tol * rg.abs().max().item() + 1e-6 * (tol > 1e-6)

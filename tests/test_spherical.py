@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fusedtrain
 from fusedtrain.reference.spherical import spherical_loss as reference
 
-from spherical_helpers import make_case
+from spherical_helpers import check_rows_non_finite, make_case, plant_non_finite
 from utils import (HAS_CUDA, assert_compiles_like_eager, dtype_tolerances, kernels_built,
                    nan_filled_allocations, rel_err)
 
@@ -524,3 +524,64 @@ def test_cpu_and_cuda_agree(kind, reduction, shape):
     torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu_grad.cpu(), cpu_grad, rtol=1e-4,
                                atol=1e-6 * cpu_grad.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite and huge logits: NaN/inf in gives NaN/inf out; huge finite rows give the right value
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_logit_gives_non_finite_row(device, dtype, kind, value):
+    logits, target = make_case(6, 40, device, dtype, ignore=False)
+    bad = plant_non_finite(logits, target, value)
+    for reduction in REDUCTIONS:
+        up = torch.ones(6, device=device) if reduction == "none" else None
+        check_rows_non_finite(*loss_and_grad(fusedtrain.spherical_loss, logits, target, kind, reduction, up),
+                              bad, reduction)
+
+
+def check_rows_against(loss, grad, ref_loss, ref_grad, reduction, scale=1.0, tol=1e-5):
+    """Row by row (a huge row's tiny gradient must be right too); a loss beyond the dtype's range
+    must be inf, as the float64 value rounds."""
+    for ours, ref, s in ((loss, ref_loss, 1.0), (grad, ref_grad, scale)):
+        ours, inf = ours.double() * s, torch.isinf(ref.to(ours.dtype))
+        assert torch.equal(torch.isinf(ours), inf), (ours, ref)
+        for r in range(ours.shape[0]) if ours.dim() else [Ellipsis]:
+            assert rel_err(ours[r][~inf[r]], ref[r][~inf[r]]) <= tol, (r, ours[r], ref[r])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_huge_logits_fp32_match_float64(device, needs_kernels, kind, reduction):
+    # The issue's case: one logit of 1e20 (or 1e30) made the fp32 Z-loss 26.27 (truth 24.1), 1e32.
+    logits, target = make_case(6, 300, device, ignore=False)
+    for r, v in enumerate([1e20, 1e30, -1e37, 3e38]):
+        logits[r, (target[r] + 1 + r) % 300] = v
+    logits[4, :150] *= 1e25      # half a row huge, the target among them
+    target[4] = 7
+    logits[5] *= 1e30            # a whole row of huge logits
+    up = torch.rand(6, device=device) + 0.5 if reduction == "none" else random_scalar(device)
+    loss, grad = loss_and_grad(fusedtrain.spherical_loss, logits, target, kind, reduction, up)
+    ref = loss_and_grad(reference, logits.double(), target, kind, reduction, up.double())
+    check_rows_against(loss, grad, *ref, reduction)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_huge_logits_fp64_by_homogeneity(device, needs_kernels, kind, reduction):
+    # x = 2^600·y: q ~ 2^1200 overflows fp64. Exactly (powers of two): the Z-loss of x (var_eps 0)
+    # is that of y, the spherical loss of x with eps that of y with eps·2^-1200 (~0), and its
+    # gradient 2^-600 times y's; the Taylor loss tends to the spherical one with eps 0.
+    y, target = make_case(6, 300, device, torch.float64, ignore=False)
+    y[0, (target[0] + 1) % 300] = 1e6
+    x = y * 2.0**600
+    up = torch.rand(6, device=device, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kw = {"var_eps": 0.0} if kind == "z" else {}
+    loss, grad = loss_and_grad(fusedtrain.spherical_loss, x, target, kind, reduction, up, **kw)
+    if kind == "mse":  # its loss overflows as the truth does; its gradient 2(x − e_c) does not
+        ref = loss_and_grad(reference, x, target, kind, reduction, up)
+        return check_rows_against(loss, grad, *ref, reduction, tol=1e-12)
+    ref_kind, kw = ("z", kw) if kind == "z" else ("spherical", {"eps": 0.0})
+    ref = loss_and_grad(reference, y, target, ref_kind, reduction, up, **kw)
+    check_rows_against(loss, grad, *ref, reduction, scale=2.0**600, tol=1e-12)

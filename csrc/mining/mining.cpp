@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -78,6 +79,15 @@ struct Operands {
 void normalize_rows(const at::Tensor& x, at::Tensor& raw, at::Tensor& clamped, at::Tensor& hat) {
   // F.normalize(x, dim=1): x / max(‖x‖, 1e-12), the same ATen ops so the values match PML's.
   raw = at::linalg_vector_norm(x, 2, c10::IntArrayRef{1}, /*keepdim=*/true);
+  // ATen sums unscaled squares: a finite row beyond ~1e19 (fp32) gets ‖x‖ = inf and normalizes to
+  // a plausible 0. Such rows take the norm in units of their largest |x| (as BLAS nrm2 does). The
+  // CPU looks first (B values, no sync there); CUDA always computes it (O(B·d), no host sync).
+  if (x.is_cuda() || raw.isinf().any().item<bool>()) {
+    const int64_t dim[] = {1};
+    const at::Tensor top = at::linalg_vector_norm(x, std::numeric_limits<double>::infinity(), dim, true);
+    const at::Tensor scaled = at::linalg_vector_norm(x / top, 2, dim, /*keepdim=*/true).mul_(top);
+    raw = at::where(raw.isinf().logical_and_(top.isfinite()), scaled, raw);
+  }
   clamped = raw.clamp_min(kNormEps);
   hat = x / clamped;
 }

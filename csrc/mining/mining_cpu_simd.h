@@ -82,7 +82,8 @@ struct Mined {
 };
 FT_ALWAYS_INLINE Mined mined8(f32x8 v, i32x8 is_pos, bool mine, float eps, float min_pos, float max_neg) {
   if (!mine) return {is_pos, ~is_pos};
-  return {is_pos & ((v - eps) < max_neg), ~is_pos & ((v + eps) > min_pos)};
+  // ms_keep_positive / ms_keep_negative: the negated comparisons keep NaN similarities.
+  return {is_pos & ~((v - eps) >= max_neg), ~is_pos & ~((v + eps) <= min_pos)};
 }
 
 // The exponents of 8 columns at s, x⁺ = −α(S − λ) − c⁺ for positives, x⁻ = β(S − λ) − c⁻ for

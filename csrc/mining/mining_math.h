@@ -59,16 +59,19 @@ FT_HOST_DEVICE inline int relation(int64_t label_i, int64_t label_j, bool is_sel
 // Multi-Similarity mining predicates (PML MultiSimilarityMiner with cosine similarity): strict
 // comparisons against the row's hardest opposite pair, S ± ε evaluated in the working precision
 // first, as PML does. With no positives min_pos is +inf (no negative is kept); with no negatives
-// max_neg is -inf (no positive is kept).
+// max_neg is -inf (no positive is kept). A NaN similarity (from a NaN or infinite embedding) is
+// always kept, written as the negated opposite comparison: it then reaches the loss's log-sum-exp
+// and makes the loss NaN, where a false comparison would drop it and leave a finite loss.
+// The thresholds themselves skip NaN (min/max keep their running value).
 template <typename T>
 FT_HOST_DEVICE inline bool ms_keep_negative(T s, T epsilon, T min_pos) {
   const T shifted = s + epsilon;
-  return shifted > min_pos;
+  return !(shifted <= min_pos);
 }
 template <typename T>
 FT_HOST_DEVICE inline bool ms_keep_positive(T s, T epsilon, T max_neg) {
   const T shifted = s - epsilon;
-  return shifted < max_neg;
+  return !(shifted >= max_neg);
 }
 
 // Pair-margin predicates (PML PairMarginMiner with a similarity): strict.
@@ -140,11 +143,12 @@ FT_HOST_DEVICE inline T ms_neg_grad(T s, T beta, T base, T lse_neg, T w) {
   return w * exp(ms_neg_exponent(s, beta, base) - lse_neg);
 }
 
-// TCM: active pairs (inclusive comparisons, as PML).
+// TCM: active pairs (inclusive comparisons, as PML). A NaN similarity is active (negated strict
+// comparison), so it reaches the sums and the loss is NaN rather than finite.
 template <typename T>
-FT_HOST_DEVICE inline bool tcm_pos_active(T s, T margin_plus) { return s <= margin_plus; }
+FT_HOST_DEVICE inline bool tcm_pos_active(T s, T margin_plus) { return !(s > margin_plus); }
 template <typename T>
-FT_HOST_DEVICE inline bool tcm_neg_active(T s, T margin_minus) { return s >= margin_minus; }
+FT_HOST_DEVICE inline bool tcm_neg_active(T s, T margin_minus) { return !(s < margin_minus); }
 
 // Batch-hard: strict improvement keeps the first index on ties (torch.min/max's rule when the
 // columns are visited in increasing order).

@@ -34,14 +34,39 @@ constexpr int kAlpha = 0, kBeta = 1, kGamma = 2, kCoefs = 3;
 // = Σ(o_k − μ)² and o_c, through the logits-level op's row_coefficients (spherical_math.h). The
 // shift-invariant Z-loss takes its statistics about μ (s − D·μ = 0, no cancellation at all); the
 // other kinds need q about 0, q = qc + s·μ (a sum of two non-negative terms), and their
-// α + β·o_k = (α + β·μ) + β·(o_k − μ). Shared by the CPU and CUDA kernels.
+// α + β·o_k = (α + β·μ) + β·(o_k − μ). Where q would overflow (or 1/q underflow) s and q go in units
+// of S ≈ max(√qc, |s|) as in the logits-level op; a non-finite qc (an overflowed Gram matrix) stays
+// as it is and gives NaN or inf. Shared by the CPU and CUDA kernels.
 template <typename acc>
 FT_HOST_DEVICE inline RowCoefficients<acc> centered_row_coefficients(acc s, acc qc, acc oc, acc D,
                                                                      const Params& p) {
+  using std::fabs; using std::isfinite; using std::sqrt;
   const acc mu = s / D;
-  if (shifts_by_target(p.kind)) return row_coefficients<acc>(acc(0), qc, oc - mu, D, p);
-  RowCoefficients<acc> r = row_coefficients<acc>(s, qc + s * mu, oc, D, p);
-  r.alpha += r.beta * mu;
+  RowCoefficients<acc> r;
+  if (shifts_by_target(p.kind)) {
+    r = row_coefficients<acc>(acc(0), qc, oc - mu, D, p);
+  } else {
+    acc q = qc + s * mu, inv = acc(1), log_scale = acc(0), ss = s;
+    if (wants_scaled_stats(p.kind, q)) {
+      const acc m = sqrt(qc) > fabs(s) ? sqrt(qc) : fabs(s);
+      if (isfinite(m) && m > acc(0)) {
+        power_of_two_scale(m, inv, log_scale);
+        ss = s * inv;
+        q = qc * inv * inv + ss * (mu * inv);
+      }
+    }
+    r = row_coefficients<acc>(ss, q, oc, D, p, inv, log_scale);
+    r.alpha += r.beta * (mu * inv);  // r.beta is β·S
+    r.beta *= inv;
+  }
+  if (!(isfinite(s) && isfinite(qc) && isfinite(oc))) {
+    // Non-finite operands (input, weight, bias or stats=) or an overflowed Gram matrix: the loss
+    // is not finite, and neither may any gradient be (the MSE's coefficients, or a β of 2/inf = 0,
+    // would leave the weight gradient finite).
+    const acc nan = std::numeric_limits<acc>::quiet_NaN();
+    r.alpha = r.beta = r.gamma = nan;
+    if (isfinite(r.loss)) r.loss = nan;
+  }
   return r;
 }
 

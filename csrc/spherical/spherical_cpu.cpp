@@ -22,17 +22,24 @@ namespace {
 using cpu::vec_t;
 using cpu::vec_width;
 
-// s = Σ(o − K), q = Σ(o − K)² over one row, four independent vector accumulators in flight.
-template <typename scalar_t, typename acc>
-FT_ALWAYS_INLINE void shifted_sums(const scalar_t* row, int64_t D, acc shift, acc& s_out, acc& q_out) {
+// s = Σ(o − K), q = Σ(o − K)² over one row, four independent vector accumulators in flight. Scaled
+// (the rare second pass of a huge row, spherical_math.h): s = Σ(o/S − K/S), q = Σ(o/S − K/S)² with
+// inv = 1/S and shift = K/S.
+template <bool kScaled, typename scalar_t, typename acc>
+FT_ALWAYS_INLINE void shifted_sums(const scalar_t* row, int64_t D, acc inv, acc shift, acc& s_out, acc& q_out) {
   using V = vec_t<acc>;
   constexpr int W = vec_width<acc>;
   V s0 = {}, s1 = {}, q0 = {}, q1 = {};
-  const V vshift = V{} + shift;
+  const V vshift = V{} + shift, vinv = V{} + inv;
+  auto load = [&](int64_t k) {
+    const V x = cpu::load_vec<acc>(row + k);
+    if constexpr (kScaled) return x * vinv - vshift;
+    else return x - vshift;
+  };
   int64_t k = 0;
   for (; k + 2 * W <= D; k += 2 * W) {
-    const V x0 = cpu::load_vec<acc>(row + k) - vshift;
-    const V x1 = cpu::load_vec<acc>(row + k + W) - vshift;
+    const V x0 = load(k);
+    const V x1 = load(k + W);
     s0 += x0;
     s1 += x1;
     q0 += x0 * x0;
@@ -40,7 +47,7 @@ FT_ALWAYS_INLINE void shifted_sums(const scalar_t* row, int64_t D, acc shift, ac
   }
   acc s = cpu::horizontal_sum<acc>(s0 + s1), q = cpu::horizontal_sum<acc>(q0 + q1);
   for (; k < D; ++k) {
-    const acc x = static_cast<acc>(row[k]) - shift;
+    const acc x = kScaled ? static_cast<acc>(row[k]) * inv - shift : static_cast<acc>(row[k]) - shift;
     s += x;
     q += x * x;
   }
@@ -48,18 +55,53 @@ FT_ALWAYS_INLINE void shifted_sums(const scalar_t* row, int64_t D, acc shift, ac
   q_out = q;
 }
 
+// max(|K|, max_k |o_k|) of one row (NaN when the row holds a NaN): the scale of its statistics.
+template <typename scalar_t, typename acc>
+FT_ALWAYS_INLINE acc row_max_abs(const scalar_t* row, int64_t D, acc shift) {
+  acc m = std::fabs(shift);
+  bool nan = std::isnan(m);
+  for (int64_t k = 0; k < D; ++k) {
+    const acc x = std::fabs(static_cast<acc>(row[k]));
+    m = x > m ? x : m;
+    nan |= std::isnan(x);
+  }
+  return nan ? std::numeric_limits<acc>::quiet_NaN() : m;
+}
+
+// The row's statistics s, q (in units of S: see spherical_math.h) with inv = 1/S and log S: one
+// pass, and a second scaled one only for a row whose q is beyond scaled_stats_bound (its logits
+// are in cache by then; a row with a non-finite logit keeps its unscaled, non-finite sums).
+template <typename scalar_t, typename acc>
+FT_ALWAYS_INLINE void row_statistics(const scalar_t* row, int64_t D, int kind, acc shift, acc& s, acc& q,
+                                     acc& inv, acc& log_scale) {
+  inv = acc(1);
+  log_scale = acc(0);
+  shifted_sums<false>(row, D, acc(1), shift, s, q);
+  if (!wants_scaled_stats(kind, q)) return;
+  const acc m = row_max_abs(row, D, shift);
+  if (!std::isfinite(m)) return;
+  power_of_two_scale(m, inv, log_scale);
+  shifted_sums<true>(row, D, inv, shift * inv, s, q);
+}
+
 // out_k = α + β·(o_k − K), then the target column gets γ on top. β·(o − K) rather than
-// (α − βK) + β·o: with a large common offset the latter cancels catastrophically.
+// (α − βK) + β·o: with a large common offset the latter cancels catastrophically. Scaled rows
+// (inv = 1/S != 1): β is β·S, shift is K/S and the term is β·(o_k/S − K/S).
 template <typename scalar_t, typename acc>
 FT_ALWAYS_INLINE void write_row_gradient(const scalar_t* row, scalar_t* out, int64_t D, int64_t c,
-                                         acc alpha, acc beta, acc gamma, acc shift) {
+                                         acc alpha, acc beta, acc gamma, acc inv, acc shift) {
   using V = vec_t<acc>;
   constexpr int W = vec_width<acc>;
-  const V va = V{} + alpha, vb = V{} + beta, vshift = V{} + shift;
+  const V va = V{} + alpha, vb = V{} + beta, vshift = V{} + shift, vinv = V{} + inv;
   int64_t k = 0;
-  for (; k + W <= D; k += W) cpu::store_vec<acc>(out + k, va + vb * (cpu::load_vec<acc>(row + k) - vshift));
-  for (; k < D; ++k) out[k] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[k]) - shift));
-  out[c] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[c]) - shift) + gamma);
+  if (inv == acc(1)) {
+    for (; k + W <= D; k += W) cpu::store_vec<acc>(out + k, va + vb * (cpu::load_vec<acc>(row + k) - vshift));
+  } else {
+    for (; k + W <= D; k += W)
+      cpu::store_vec<acc>(out + k, va + vb * (cpu::load_vec<acc>(row + k) * vinv - vshift));
+  }
+  for (; k < D; ++k) out[k] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[k]) * inv - shift));
+  out[c] = static_cast<scalar_t>(alpha + beta * (static_cast<acc>(row[c]) * inv - shift) + gamma);
 }
 
 template <typename scalar_t>
@@ -89,16 +131,18 @@ FT_ALWAYS_INLINE void forward_range(const RowPointers<scalar_t>& R, int64_t begi
       continue;
     }
     const acc oc = static_cast<acc>(row[c]);
-    const acc shift = shifts_by_target(R.params.kind) ? oc : acc(0);
-    acc s, q;
-    shifted_sums(row, R.D, shift, s, q);
-    const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc - shift, Dacc, R.params);
+    const bool shifted = shifts_by_target(R.params.kind);
+    const acc shift = shifted ? oc : acc(0);
+    acc s, q, inv, log_scale;
+    row_statistics(row, R.D, R.params.kind, shift, s, q, inv, log_scale);
+    const RowCoefficients<acc> r = row_coefficients<acc>(s, q, oc - shift, Dacc, R.params, inv, log_scale);
     R.row_loss[n] = r.loss;
     cf[kCoefAlpha] = weight * r.alpha;
     cf[kCoefBeta] = weight * r.beta;
     cf[kCoefGamma] = weight * r.gamma;
-    cf[kCoefShift] = shift;
-    if (grow) write_row_gradient(row, grow, R.D, c, cf[kCoefAlpha], cf[kCoefBeta], cf[kCoefGamma], shift);
+    cf[kCoefScale] = encode_scale(inv, shifted);
+    if (grow)
+      write_row_gradient(row, grow, R.D, c, cf[kCoefAlpha], cf[kCoefBeta], cf[kCoefGamma], inv, shift * inv);
   }
 }
 
@@ -115,8 +159,11 @@ FT_ALWAYS_INLINE void backward_range(const RowPointers<scalar_t>& R, int64_t beg
     } else {
       const acc* cf = R.coef + n * kCoefCount;
       const acc g = R.upstream[n * R.up_stride];
-      write_row_gradient(R.logits + n * R.stride, grow, R.D, c, g * cf[kCoefAlpha],
-                         g * cf[kCoefBeta], g * cf[kCoefGamma], cf[kCoefShift]);
+      const scalar_t* row = R.logits + n * R.stride;
+      const acc inv = decoded_inv_scale(cf[kCoefScale]);
+      const acc shift = decoded_shift(cf[kCoefScale], static_cast<acc>(row[c]));
+      write_row_gradient(row, grow, R.D, c, g * cf[kCoefAlpha], g * cf[kCoefBeta], g * cf[kCoefGamma], inv,
+                         shift * inv);
     }
   }
 }

@@ -35,6 +35,30 @@ struct RowArgs : RowPointers<scalar_t> {
 
 constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
 
+// The maximum of x over the kGroup lanes of one row (NaN wins), returned to every lane of the
+// group. `scratch` holds kGroup / 32 values for a block-wide group; the block-wide form is bracketed
+// by barriers (every thread of the block calls it), so scratch is free before and after.
+template <int kGroup, int kRowsPerBlock, typename T>
+__device__ __forceinline__ T group_allreduce_max(T x, T* scratch) {
+  const auto op = [](T a, T b) { return (a > b || a != a) ? a : b; };
+  constexpr int kWidth = kGroup < 32 ? kGroup : 32;
+  const unsigned lane = threadIdx.x & 31;
+  const unsigned mask = kWidth == 32 ? 0xffffffffu : ((1u << kWidth) - 1u) << (lane & ~(kWidth - 1u));
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(mask, x, o));
+  if constexpr (kRowsPerBlock == 1 && kGroup > 32) {
+    constexpr int kBlockWarps = kGroup / 32;
+    __syncthreads();
+    if (lane == 0) scratch[threadIdx.x >> 5] = x;
+    __syncthreads();
+    x = scratch[0];
+#pragma unroll
+    for (int w = 1; w < kBlockWarps; ++w) x = op(x, scratch[w]);
+    __syncthreads();
+  }
+  return x;
+}
+
 template <typename scalar_t, int kGroup, int kRowsPerBlock>
 __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
     spherical_rows_kernel(const RowArgs<scalar_t> a) {
@@ -78,7 +102,7 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
   const int64_t nvec = (D - head) / kVec;
   const int64_t tail = head + nvec * kVec;
   const V* vrow = reinterpret_cast<const V*>(row + head);
-  acc alpha, beta, gamma, shift;
+  acc alpha, beta, gamma, shift, inv;
 
   if (!backward) {
     const acc oc = static_cast<acc>(row[c]);
@@ -111,14 +135,42 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
 #pragma unroll
       for (int e = 0; e < kVec; ++e) add(static_cast<acc>(x.v[e]));
     }
-    if constexpr (kRowsPerBlock == 1) {
-      cuda::block_allreduce_sum2<kGroup>(s, q, scratch);
-    } else {
-      s = cuda::group_sum<kGroup>(s);
-      q = cuda::group_sum<kGroup>(q);
+    auto reduce_sums = [&] {
+      if constexpr (kRowsPerBlock == 1) {
+        cuda::block_allreduce_sum2<kGroup>(s, q, scratch);
+      } else {
+        s = cuda::group_sum<kGroup>(s);
+        q = cuda::group_sum<kGroup>(q);
+      }
+    };
+    reduce_sums();
+    // A row whose q is beyond scaled_stats_bound (uniform over the row's lanes) is summed again in
+    // units of S = 2^e ≈ max|o|, max(|K|, |o_k|) (spherical_math.h), from L2: rare, off the hot path.
+    // A row with a non-finite logit keeps its non-finite sums.
+    acc log_scale = acc(0);
+    inv = acc(1);
+    if (wants_scaled_stats(a.params.kind, q)) {
+      acc m = fabs(shift);
+      for (int64_t k = lane; k < D; k += kGroup) {
+        const acc x = fabs(static_cast<acc>(row[k]));
+        m = (x > m || x != x) ? x : m;
+      }
+      m = group_allreduce_max<kGroup, kRowsPerBlock>(m, scratch);
+      if (isfinite(m)) {
+        power_of_two_scale(m, inv, log_scale);
+        const acc shift_scaled = shift * inv;
+        s = 0;
+        q = 0;
+        for (int64_t k = lane; k < D; k += kGroup) {
+          const acc y = static_cast<acc>(row[k]) * inv - shift_scaled;
+          s += y;
+          q += y * y;
+        }
+        reduce_sums();
+      }
     }
     const RowCoefficients<acc> r =
-        row_coefficients<acc>(s, q, oc - shift, static_cast<acc>(D), a.params);
+        row_coefficients<acc>(s, q, oc - shift, static_cast<acc>(D), a.params, inv, log_scale);
     const acc w = a.weight ? *a.weight : acc(1);
     alpha = w * r.alpha;
     beta = w * r.beta;
@@ -129,7 +181,7 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
       cf[kCoefAlpha] = alpha;
       cf[kCoefBeta] = beta;
       cf[kCoefGamma] = gamma;
-      cf[kCoefShift] = shift;
+      cf[kCoefScale] = encode_scale(inv, shifts_by_target(a.params.kind));
     }
     if (!grow) return;
   } else {
@@ -138,13 +190,15 @@ __global__ void __launch_bounds__(kGroup * kRowsPerBlock)
     alpha = g * cf[kCoefAlpha];
     beta = g * cf[kCoefBeta];
     gamma = g * cf[kCoefGamma];
-    shift = cf[kCoefShift];
+    inv = decoded_inv_scale(cf[kCoefScale]);
+    shift = decoded_shift(cf[kCoefScale], static_cast<acc>(row[c]));
   }
 
-  // Pass 2: grad_k = α + β·(o_k − K) + γ·[k = c]. β·(o − K), not (α − βK) + β·o, which cancels
-  // catastrophically under a large common offset.
+  // Pass 2: grad_k = α + β·(o_k/S − K/S) + γ·[k = c] (S = 1 but for huge rows; β is β·S). β·(o − K),
+  // not (α − βK) + β·o, which cancels catastrophically under a large common offset.
+  const acc shift_scaled = shift * inv;
   auto value = [&](acc o, int64_t k) {
-    return alpha + beta * (o - shift) + (k == c ? gamma : acc(0));
+    return alpha + beta * (o * inv - shift_scaled) + (k == c ? gamma : acc(0));
   };
   if (cuda::elements_to_alignment(grow) != head) {  // rows of logits and grad aligned differently
     for (int64_t k = lane; k < D; k += kGroup)
