@@ -104,12 +104,24 @@ def csr_from_dense(acts: torch.Tensor, mask: torch.Tensor):
     return row_ptr, feature, acts[token, feature]
 
 
+def entry_tokens(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Each stored entry's token (row), reading row_ptr as every op does (docs/sae.md): clamped to
+    [0, nnz], then its running maximum. An entry in no row gets -1 (before row 0) or B (after the
+    last row); a valid row_ptr gives each entry its row. No host sync, no index can leave a tensor."""
+    offsets = row_ptr.clamp(0, nnz).cummax(0).values
+    entries = torch.arange(nnz, device=row_ptr.device, dtype=row_ptr.dtype)
+    return torch.searchsorted(offsets, entries, right=True) - 1
+
+
 def dense_from_csr(row_ptr: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, num_latents: int):
-    """The (B, F) dense matrix of a CSR-by-token result (differentiable in `value`)."""
+    """The (B, F) dense matrix of a CSR-by-token result (differentiable in `value`). Entries in no
+    row, or with a feature outside [0, F), are dropped (a spare row and column take them)."""
     B = row_ptr.numel() - 1
-    token = torch.repeat_interleave(torch.arange(B, device=row_ptr.device), row_ptr.diff())
-    out = value.new_zeros(B, num_latents)
-    return out.index_put((token, feature), value)
+    token = entry_tokens(row_ptr, feature.numel())
+    token = torch.where((token >= 0) & (token < B), token, B)
+    feature = torch.where((feature >= 0) & (feature < num_latents), feature, num_latents)
+    out = value.new_zeros(B + 1, num_latents + 1)
+    return out.index_put((token, feature), value)[:B, :num_latents]
 
 
 def encode(x, W_enc, b_enc, b_dec, routing: str, k: int | None = None, theta=None) -> torch.Tensor:
