@@ -498,6 +498,21 @@ for cp, perm, token in CASES:
     close(out, exp_out)
     close(total, exp_total)
 """,
+    "token_and_to_dense": """
+value = torch.randn(12, dtype=torch.float64, device=dev)
+for rp in ROW_PTRS:
+    for feat in FEATURES:
+        acts = fusedtrain.sae.SparseActs(t(rp), t(feat), value)
+        assert acts.token().tolist() == row_of_entries(rp, 12), rp
+        dense = acts.to_dense(32).cpu()
+        B = len(rp) - 1
+        exp = torch.zeros(B, 32, dtype=torch.float64)
+        for j, (b, f) in enumerate(zip(row_of_entries(rp, 12), feat)):
+            if 0 <= b < B and 0 <= f < 32:
+                exp[b, f] = value[j].item()
+        if len(set(feat)) == len(feat):  # duplicates: which one index_put keeps is unspecified
+            assert torch.equal(dense, exp), rp
+""",
     "routing_parameters": """
 pre = torch.randn(6, 9, device=dev)
 for routing in ("feature_choice", "mutual_choice"):
