@@ -221,7 +221,7 @@ at::Tensor read_offsets(const at::Tensor& ptr_in, int64_t nnz) {
     for (int64_t i = 0; i < n && ok; ++i) ok = p[i] >= 0 && p[i] <= nnz && (i == 0 || p[i] >= p[i - 1]);
     if (ok) return ptr;
   }
-  return std::get<0>(at::cummax(at::clamp(ptr, int64_t(0), nnz), 0)).contiguous();
+  return std::get<0>(at::cummax(at::clamp(ptr, c10::Scalar(int64_t(0)), c10::Scalar(nnz)), 0)).contiguous();
 }
 
 }  // namespace
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csc(const at::Tensor& row_ptr, co
   check_index_vector(row_ptr, "row_ptr");
   check_index_vector(col, "feature");
   FT_CHECK_VALUE(row_ptr.size(0) >= 1, "row_ptr must have B + 1 >= 1 entries");
-  FT_CHECK_VALUE(num_cols >= 0, "num_cols must be >= 0, got ", num_cols);
+  FT_CHECK_VALUE(num_cols >= 0 && num_cols < (int64_t(1) << 62), "num_cols must be in [0, 2^62), got ", num_cols);
   check_same_device(row_ptr, col, "row_ptr", "feature");
   return K.csc(read_offsets(row_ptr, col.size(0)), col.contiguous(), num_cols);
 }
