@@ -427,3 +427,117 @@ def test_cpu_cuda_agree():
         torch.testing.assert_close(out_g.cpu(), out_c, rtol=1e-5, atol=1e-5)
         for a, b in zip(grads_g, grads_c):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile index values (issue 13): every raw op is safe on ANY row_ptr / feature / col_ptr / perm /
+# token values and reads them as csrc/sae/sae.h defines (modelled in sae_helpers). Each class runs
+# in its own interpreter, so a crash fails the test instead of killing the run.
+
+_HOSTILE_PRELUDE = """
+import torch, fusedtrain
+from sae_helpers import *
+ops = torch.ops.fusedtrain
+dev = {device!r}
+big = 2 ** 62
+def t(x): return torch.tensor(x, dtype=torch.int64, device=dev)
+def close(a, b): torch.testing.assert_close(a.cpu().double(), b.double(), rtol=1e-12, atol=1e-12)
+ROW_PTRS = [[0, 24, 0, 24, 0, 24, 0, 24, 0], [0, 5, 3, 9, 12], [-7, 2, 2, 40, 12], [big, -big, 3, 1, 12],
+            [0, 12, 12, 12, 12], [3, 3, 8, 8, 9], [0, 4, 8, 12, 12]]
+FEATURES = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5, -1, 3, big, 9, 0, -big, 2, 31, 32, 7, 7]]
+"""
+
+HOSTILE_CASES = {
+    # The issue's SIGSEGV: overlapping rows through the public API, then backward.
+    "public_decode_backward": """
+a = fusedtrain.sae.topk_route(torch.randn(8, 32, device=dev), 3)
+rp = t([0] + [24, 0] * 4)
+v = a.value.clone().double().requires_grad_()
+Wd = torch.randn(32, 16, dtype=torch.float64, device=dev, requires_grad=True)
+out = fusedtrain.sae.sparse_decode(fusedtrain.sae.SparseActs(rp, a.feature, v), Wd, check_indices=False)
+out.sum().backward()
+assert torch.isfinite(Wd.grad).all() and torch.isfinite(v.grad).all()
+try:
+    fusedtrain.sae.sparse_decode(fusedtrain.sae.SparseActs(rp, a.feature, v), Wd)
+    raise SystemExit("check_indices=True accepted overlapping rows")
+except ValueError as e:
+    assert "row_ptr" in str(e)
+""",
+    "csc": """
+for rp in ROW_PTRS:
+    for feat in FEATURES:
+        for num_cols in (0, 1, 32):
+            col_ptr, perm, token = ops._sae_csc(t(rp), t(feat), num_cols)
+            exp = model_csc(rp, feat, num_cols)
+            assert (col_ptr.tolist(), perm.tolist(), token.tolist()) == exp, (rp, feat, num_cols)
+col_ptr, perm, token = ops._sae_csc(t([0]), t([]), 4)
+assert col_ptr.tolist() == [0] * 5 and perm.numel() == 0
+""",
+    "gather_rows_and_sampled_dot": """
+table = torch.randn(32, 5, dtype=torch.float64, device=dev)
+grad = torch.randn(4, 5, dtype=torch.float64, device=dev)
+value = torch.randn(12, dtype=torch.float64, device=dev)
+bias = torch.randn(5, dtype=torch.float64, device=dev)
+for rp in ROW_PTRS:
+    for feat in FEATURES:
+        out = ops.sae_gather_rows(t(rp), t(feat), value, table, bias)
+        close(out, model_gather_rows(rp, feat, value.cpu(), table.cpu(), bias.cpu()))
+        g = grad if len(rp) == 5 else torch.randn(len(rp) - 1, 5, dtype=torch.float64, device=dev)
+        close(ops._sae_sampled_dot(t(rp), t(feat), g, table), model_sampled_dot(rp, feat, g.cpu(), table.cpu()))
+""",
+    "segment_sum": """
+src = torch.randn(4, 3, dtype=torch.float64, device=dev)
+coef = torch.randn(6, dtype=torch.float64, device=dev)
+CASES = [([0, 2, 4, 6], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]),          # valid
+         ([0, 6, 0, 6], [5, 4, 3, 2, 1, 0], [3, 3, 3, 3, 3, 3]),          # overlapping columns
+         ([-big, big, 2, -1], [-1, 6, big, 0, -big, 5], [0, 4, -1, big, 2, -big]),
+         ([0, 3, 3, 9], [0, 0, 0, 1, 1, 1], [4, 3, 2, 1, 0, -1])]           # token 4 = B: skipped in both sums
+for cp, perm, token in CASES:
+    out, total = ops._sae_segment_sum(t(cp), t(perm), t(token), coef, src)
+    exp_out, exp_total = model_segment_sum(cp, perm, token, coef.cpu(), src.cpu())
+    close(out, exp_out)
+    close(total, exp_total)
+""",
+    "token_and_to_dense": """
+value = torch.randn(12, dtype=torch.float64, device=dev)
+for rp in ROW_PTRS:
+    for feat in FEATURES:
+        acts = fusedtrain.sae.SparseActs(t(rp), t(feat), value)
+        assert acts.token().tolist() == row_of_entries(rp, 12), rp
+        dense = acts.to_dense(32).cpu()
+        B = len(rp) - 1
+        exp = torch.zeros(B, 32, dtype=torch.float64)
+        for j, (b, f) in enumerate(zip(row_of_entries(rp, 12), feat)):
+            if 0 <= b < B and 0 <= f < 32:
+                exp[b, f] = value[j].item()
+        if len(set(feat)) == len(feat):  # duplicates: which one index_put keeps is unspecified
+            assert torch.equal(dense, exp), rp
+""",
+    "routing_parameters": """
+pre = torch.randn(6, 9, device=dev)
+for routing in ("feature_choice", "mutual_choice"):
+    for param in (0, 5, 6, 54, 55, big, 2 ** 63 - 1):
+        row_ptr, feature, value, cutoff = ops.sae_route(pre, routing, param, None)
+        assert row_ptr[-1].item() == feature.numel() == value.numel()
+for bad in (-1, -big):
+    for routing in ("feature_choice", "mutual_choice"):
+        try:
+            ops.sae_route(pre, routing, bad, None)
+            raise SystemExit(f"{routing} accepted {bad}")
+        except ValueError:
+            pass
+for k in (0, 10, big):
+    try:
+        ops.sae_topk_select(pre, k)
+        raise SystemExit(f"topk accepted k = {k}")
+    except ValueError:
+        pass
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
+def test_hostile_index_values(device, needs_kernels, case):
+    from sae_helpers import run_isolated
+    proc = run_isolated(_HOSTILE_PRELUDE.format(device=device) + HOSTILE_CASES[case] + "\nprint('OK')\n")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -287,3 +287,77 @@ def test_read_once_algorithm_model(capacity_tiles, ordered):
                 else:
                     best = ref.topk_select(torch.where(positive, row, -math.inf)[None], k)[1][0]
                     assert index == best[-1].item() and value == row[index].item(), (kind, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cutoff (docs/sae.md "Cutoff"): the best positive value the routing REJECTED, 0 when it kept
+# every positive entry. The same on every device and in the reference, at every edge: fewer than,
+# exactly and more than m (budget) positive entries, m = 0, ties, NaN and the kernels' paths.
+
+def _cutoff(pre, routing, param):
+    return sae.routing.route(pre, routing, param)[1].cpu().double()
+
+
+@pytest.mark.parametrize("budget,expected", [(0, 2.0), (1, 1.0), (2, 0.5), (3, 0.0), (4, 0.0), (6, 0.0), (99, 0.0)])
+def test_mutual_choice_cutoff_edges(device, needs_kernels, budget, expected):
+    # 3 positive entries: budget 3 (exactly) and above keep them all (cutoff 0, `pre > 0`); below
+    # it the cutoff is the (budget + 1)-th best; budget 0 keeps nothing: the best value.
+    pre = torch.tensor([[1.0, -1.0, 2.0], [0.5, -3.0, -1.0]], device=device)
+    cut = _cutoff(pre, "mutual_choice", budget)
+    assert cut.tolist() == [expected]
+    assert torch.equal(cut, reference_cutoff_of(pre, "mutual_choice", budget))
+    kept = ref.mutual_choice_mask(pre.cpu(), budget)
+    assert torch.equal(pre.cpu() > cut, kept)  # no ties here: threshold routing reproduces it exactly
+
+
+def reference_cutoff_of(pre, routing, param):
+    from fusedtrain.sae.routing import reference_cutoff
+    return reference_cutoff(pre.cpu(), routing, param).double()
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 6])
+def test_feature_choice_cutoff_edges(device, needs_kernels, m):
+    # Columns with 0, 1, 2, 3 and 5 positive tokens (and NaN, -inf, +0, -0, which never count).
+    nan, inf = math.nan, math.inf
+    pre = torch.tensor([[-1.0, 3.0, 2.0, 0.5, 9.0],
+                        [-2.0, nan, 4.0, 1.5, 8.0],
+                        [0.0, -inf, nan, 2.5, 7.0],
+                        [-0.0, 0.0, -3.0, -1.0, 6.0],
+                        [nan, -1.0, -1.0, -0.5, 5.0]], device=device)
+    cut = _cutoff(pre, "feature_choice", m)
+    assert torch.equal(cut, reference_cutoff_of(pre, "feature_choice", m))
+    positives = [sorted([v for v in col if v > 0], reverse=True) for col in pre.cpu().t().tolist()]
+    assert cut.tolist() == [p[m] if len(p) > m else 0.0 for p in positives]
+    kept = ref.feature_choice_mask(pre.cpu(), m)
+    assert torch.equal((pre.cpu() > cut) & (pre.cpu() > 0), kept)
+
+
+@pytest.mark.parametrize("routing", ["feature_choice", "mutual_choice"])
+def test_cutoff_with_ties_keeps_a_threshold_subset(device, needs_kernels, routing):
+    # All equal: the first rejected entry ties with the kept ones, so `pre > cutoff` keeps none of
+    # the tied entries; the kernels still keep exactly m (budget) of them, smaller index first.
+    pre = torch.ones(4, 3, device=device)
+    param = 2 if routing == "feature_choice" else 5
+    cut = _cutoff(pre, routing, param)
+    assert cut.unique().tolist() == [1.0]
+    assert torch.equal(cut, reference_cutoff_of(pre, routing, param))
+
+
+# (B, F, m): the CUDA paths of the column cutoff (read-once m + 1 <= 32, the transposed read-once
+# row select m + 1 <= 1024, the multi-pass one above) and of the global select; each with columns
+# of fewer than, exactly and more than m positive tokens.
+@pytest.mark.parametrize("B,F,m", [(64, 40, 5), (80, 9, 31), (80, 9, 32), (300, 5, 100), (1100, 3, 1024),
+                                   (1100, 3, 1030)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cutoff_edges_on_every_path(device, needs_kernels, B, F, m, dtype):
+    gen = torch.Generator().manual_seed(B + F + m)
+    pre = torch.randn(B, F, generator=gen, dtype=torch.float64).abs() + 0.01
+    for f, positives in enumerate([m - 1, m, m + 1, m + 7, B]):
+        if f < F and 0 <= positives <= B:
+            pre[positives:, f] = -pre[positives:, f]
+    pre = pre.to(dtype)
+    for routing, param in (("feature_choice", m), ("mutual_choice", m), ("mutual_choice", int((pre > 0).sum()) - 1),
+                           ("mutual_choice", int((pre > 0).sum()))):
+        acts, cut = sae.routing.route(pre.to(device), routing, param)
+        assert torch.equal(cut.cpu().double(), reference_cutoff_of(pre, routing, param)), (routing, param)
+        assert_csr_equal(acts, reference_csr(pre, routing, param))

@@ -33,8 +33,7 @@ void check_companion(const at::Tensor& t, const at::Tensor& param, int64_t numel
   FT_CHECK_VALUE(t.numel() == numel, list, "[", i, "] must hold ", numel, " elements, got shape ", t.sizes());
 }
 
-void check_indices(const at::Tensor& idx, const at::Tensor& param, int64_t limit, bool values,
-                   size_t i) {
+void check_indices(const at::Tensor& idx, const at::Tensor& param, int64_t limit, size_t i) {
   FT_CHECK_VALUE(idx.defined(), "indices[", i, "] must be a defined tensor");
   FT_CHECK_TYPE(idx.scalar_type() == at::kInt, "indices[", i, "] must be int32, got ", idx.scalar_type());
   FT_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), "indices[", i,
@@ -43,22 +42,16 @@ void check_indices(const at::Tensor& idx, const at::Tensor& param, int64_t limit
                  "] is on ", param.device());
   FT_CHECK_VALUE(idx.numel() <= limit, "indices[", i, "] selects ", idx.numel(), " of only ", limit,
                  " columns/rows");
-  if (!values) return;
-  const int32_t* p = idx.data_ptr<int32_t>();
-  for (int64_t j = 0; j < idx.numel(); ++j) {
-    FT_CHECK_VALUE(p[j] >= 0 && p[j] < limit, "indices[", i, "] holds ", p[j], ", outside [0, ", limit, ")");
-    FT_CHECK_VALUE(j == 0 || p[j] > p[j - 1], "indices[", i, "] must be strictly increasing (sorted, unique)");
-  }
+  // Values are not checked: every backend reads the list as a set (frugal_math.h), the same way.
 }
 
-// Checks every argument (names the bad one) and returns them gathered; `validate_index_values`
-// also reads the index tensors' values.
+// Checks every argument (names the bad one) and returns them gathered.
 StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList indices,
                         at::TensorList residual_bases, at::TensorList dense_updates,
                         at::IntArrayRef kinds, at::IntArrayRef steps, double lr, double beta1,
                         double beta2, double eps, double weight_decay, const std::string& free_update,
-                        double free_lr_scale, bool validate_index_values) {
+                        double free_lr_scale) {
   const size_t count = params.size();
   const std::pair<const char*, size_t> lengths[] = {
       {"grads", grads.size()}, {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
@@ -110,7 +103,7 @@ StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorL
     int64_t state_numel = 0;
     if (kind == kDense) state_numel = p.numel();
     if (kind == kColumns || kind == kRows) {
-      check_indices(indices[i], p, kind == kColumns ? cols : rows, validate_index_values, i);
+      check_indices(indices[i], p, kind == kColumns ? cols : rows, i);
       state_numel = kind == kColumns ? rows * k : k * cols;
     }
     if (adam) {
@@ -143,8 +136,7 @@ void frugal_step_op(at::TensorList params, at::TensorList grads, at::TensorList 
   const Kernels* kernels = params.empty() ? nullptr : &backend<Kernels>(params[0]);
   const StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_sqs, indices, residual_bases,
                                     dense_updates, kinds, steps, lr, beta1, beta2, eps, weight_decay,
-                                    std::string(free_update), free_lr_scale,
-                                    kernels != nullptr && kernels->validate_index_values);
+                                    std::string(free_update), free_lr_scale);
   if (a.params.empty()) return;
   const DeviceScope scope(a.params[0]);
   kernels->step(a);

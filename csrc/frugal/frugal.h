@@ -40,9 +40,6 @@ inline int64_t matrix_cols(const at::Tensor& t) {
 struct Kernels {
   // The whole step of one call (params non-empty, all on this backend's device).
   void (*step)(const StepArgs& a);
-  // Whether the argument checks also read the index tensors' values (range, strictly increasing):
-  // only where that costs no sync (CPU).
-  bool validate_index_values;
   static void impl_ops(torch::Library& m);  // frugal.cpp
 };
 
@@ -76,7 +73,13 @@ struct TensorPtrs {
   const scalar_t* g = nullptr;
   scalar_t* m = nullptr;
   scalar_t* v = nullptr;
+  // kColumns / kRows: the selected columns (rows), k of them, and the moment slot of each (null:
+  // slot j is entry j); state_k is the moments' slot count (the `indices` length), their row
+  // stride in kColumns. The CPU passes the index list as read (frugal_math.h: a set) in canonical
+  // form here; CUDA passes `indices` itself and reads it as a set on the device.
   const int32_t* idx = nullptr;
+  const int64_t* slot = nullptr;
+  int64_t state_k = 0;
   const scalar_t* base = nullptr;
   const scalar_t* update = nullptr;
   int64_t rows = 0, cols = 0, k = 0;
@@ -100,6 +103,7 @@ TensorPtrs<scalar_t> tensor_ptrs(const StepArgs& a, size_t i) {
   T.rows = matrix_rows(a.params[i]);
   T.cols = matrix_cols(a.params[i]);
   T.k = a.indices[i].defined() ? a.indices[i].numel() : 0;
+  T.state_k = T.k;
   T.kind = static_cast<int>(a.kinds[i]);
   T.s = scalars_for<acc_t<scalar_t>>(a, i);
   return T;

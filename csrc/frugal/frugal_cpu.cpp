@@ -119,7 +119,8 @@ FT_ALWAYS_INLINE void update_rows_mode(const TensorPtrs<scalar_t>& T, int64_t r0
       int64_t j = std::lower_bound(T.idx, T.idx + T.k, static_cast<int32_t>(r0)) - T.idx;
       for (int64_t r = r0; r < r1; ++r) {
         if (j < T.k && T.idx[j] == r) {
-          adam_span<kVector>(T.w + r * n, T.g + r * n, T.m + j * n, T.v + j * n, n, T.s);
+          const int64_t slot = T.slot ? T.slot[j] : j;
+          adam_span<kVector>(T.w + r * n, T.g + r * n, T.m + slot * n, T.v + slot * n, n, T.s);
           ++j;
         } else {
           free_span<kMode>(T.w + r * n, T.g + r * n, n, T.s);
@@ -140,7 +141,19 @@ FT_ALWAYS_INLINE void update_rows_mode(const TensorPtrs<scalar_t>& T, int64_t r0
           g_sel[j] = static_cast<acc>(g[T.idx[j]]);
         }
         free_span<kMode>(w, g, n, T.s);
-        adam_span<kVector>(w_sel, g_sel, T.m + r * T.k, T.v + r * T.k, T.k, T.s);
+        if (!T.slot) {
+          adam_span<kVector>(w_sel, g_sel, T.m + r * T.k, T.v + r * T.k, T.k, T.s);
+        } else {  // a list made canonical: the moments sit at the active entries' slots
+          scalar_t* m = T.m + r * T.state_k;
+          scalar_t* v = T.v + r * T.state_k;
+          for (int64_t j = 0; j < T.k; ++j) {
+            const int64_t q = T.slot[j];
+            acc mm = static_cast<acc>(m[q]), vv = static_cast<acc>(v[q]);
+            w_sel[j] = adam_coordinate<acc>(w_sel[j], g_sel[j], mm, vv, T.s);
+            m[q] = static_cast<scalar_t>(mm);
+            v[q] = static_cast<scalar_t>(vv);
+          }
+        }
         for (int64_t j = 0; j < T.k; ++j) w[T.idx[j]] = static_cast<scalar_t>(w_sel[j]);
       }
       break;
@@ -175,12 +188,40 @@ template <typename scalar_t>
 void step_cpu_typed(const StepArgs& a) {
   using acc = acc_t<scalar_t>;
   std::vector<TensorPtrs<scalar_t>> tensors;
+  // Index lists that are not strictly increasing within range, made canonical (frugal_math.h):
+  // the active entries' values, ascending, and their slots. Kept alive through the loop.
+  std::vector<std::vector<int32_t>> canonical_idx;
+  std::vector<std::vector<int64_t>> canonical_slot;
+  canonical_idx.reserve(a.params.size());
+  canonical_slot.reserve(a.params.size());
   std::vector<int64_t> first_chunk{0};  // chunk c belongs to tensor i with first_chunk[i] <= c
   std::vector<int64_t> rows_per_chunk;
   int64_t max_k = 0;
   for (size_t i = 0; i < a.params.size(); ++i) {
     if (a.params[i].numel() == 0) continue;
-    const TensorPtrs<scalar_t> T = tensor_ptrs<scalar_t>(a, i);
+    TensorPtrs<scalar_t> T = tensor_ptrs<scalar_t>(a, i);
+    if (T.kind == kColumns || T.kind == kRows) {
+      const int64_t limit = T.kind == kColumns ? T.cols : T.rows;
+      if (!strictly_increasing_in_range(T.idx, T.k, limit)) {
+        std::vector<std::pair<int32_t, int64_t>> active;  // (value, first slot)
+        for (int64_t j = 0; j < T.k; ++j)
+          if (T.idx[j] >= 0 && T.idx[j] < limit) active.push_back({T.idx[j], j});
+        std::stable_sort(active.begin(), active.end(),
+                         [](const auto& x, const auto& y) { return x.first < y.first; });
+        std::vector<int32_t> values;
+        std::vector<int64_t> slots;
+        for (const auto& [c, j] : active) {
+          if (!values.empty() && values.back() == c) continue;  // a repeat: the first entry wins
+          values.push_back(c);
+          slots.push_back(j);
+        }
+        canonical_idx.push_back(std::move(values));
+        canonical_slot.push_back(std::move(slots));
+        T.idx = canonical_idx.back().data();
+        T.slot = canonical_slot.back().data();
+        T.k = static_cast<int64_t>(canonical_idx.back().size());
+      }
+    }
     if (T.kind == kColumns) max_k = std::max(max_k, T.k);
     const int64_t per = std::max<int64_t>(1, kChunkElements / T.cols);
     rows_per_chunk.push_back(per);
@@ -212,7 +253,7 @@ void step_cpu(const StepArgs& a) {
 
 }  // namespace
 
-constexpr Kernels kCpuKernels{step_cpu, /*validate_index_values=*/true};
+constexpr Kernels kCpuKernels{step_cpu};
 
 }  // namespace frugal
 }  // namespace fusedtrain

@@ -7,8 +7,12 @@
 //   columns: the block marks the selected columns in a shared-memory bitmask once, then per row
 //            the free update skips marked columns while AdamW walks the selected ones (disjoint
 //            elements: no barrier between them).
-// Index values are not validated on the device (that would cost a sync per step); the kernel never
-// reads or writes outside a tensor for any index value: out-of-range ones are skipped.
+// Index values are not validated (that would cost a sync per step): the kernel reads any index list
+// as the set frugal_math.h defines, as the CPU does. Each block first checks (one pass over the list,
+// no host sync) whether its list is strictly increasing within range, what FRUGAL passes: then the
+// paths above. Otherwise the slow, exact paths: a row's slot is the first entry equal to it (a
+// block-wide search), a column entry is active iff in range and no earlier entry equals it; no
+// element is updated twice and no index leaves its tensor.
 #include "frugal.h"
 
 #include "../common/backend.h"
@@ -97,11 +101,53 @@ __device__ __forceinline__ void free_range(const TensorMeta<scalar_t>& T, int64_
       [&](int64_t e, Pair<acc> p) { T.w[e] = static_cast<scalar_t>(free_coordinate<acc>(p.w, p.g, T.s)); });
 }
 
+// Whether idx[0, k) is strictly increasing within [0, limit) (frugal_math.h: every entry active).
+// Every thread of the block must call it.
+__device__ __forceinline__ bool block_list_canonical(const int32_t* idx, int64_t k, int64_t limit) {
+  bool ok = true;
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+    const int32_t c = idx[j];
+    ok = ok && c >= 0 && c < limit && (j == 0 || idx[j - 1] < c);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// The first entry of idx[0, k) equal to `value`, or -1: a block-wide search (every thread of the
+// block must call it; all get the same answer).
+__device__ __forceinline__ int64_t block_first_entry(const int32_t* idx, int64_t k, int64_t value,
+                                                     unsigned long long* s_first) {
+  if (threadIdx.x == 0) *s_first = ~0ull;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+    if (idx[j] == value) {
+      atomicMin(s_first, static_cast<unsigned long long>(j));
+      break;  // this thread's later entries come after j
+    }
+  }
+  __syncthreads();
+  const unsigned long long first = *s_first;
+  __syncthreads();  // read by all before the next call resets it
+  return first == ~0ull ? -1 : static_cast<int64_t>(first);
+}
+
+// Whether entry j of a list that is not canonical is active: in range, and no earlier entry equal.
+__device__ __forceinline__ bool entry_active(const int32_t* idx, int64_t j, int64_t limit) {
+  const int32_t c = idx[j];
+  if (c < 0 || c >= limit) return false;
+  for (int64_t i = 0; i < j; ++i)
+    if (idx[i] == c) return false;
+  return true;
+}
+
+template <typename acc>
+struct ActiveQuad { acc w, g, a, b; bool on; };
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     frugal_step_kernel(const TensorMeta<scalar_t>* __restrict__ metas, const Task* __restrict__ tasks) {
   using acc = acc_t<scalar_t>;
   extern __shared__ uint32_t column_mask[];
+  __shared__ unsigned long long s_first;  // block_first_entry's answer
   const Task task = tasks[blockIdx.x];
   const TensorMeta<scalar_t> T = metas[task.tensor];
   const int64_t n = T.cols;
@@ -123,18 +169,27 @@ __global__ void __launch_bounds__(kThreads)
             T.w[e] = static_cast<scalar_t>(residual_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
           });
       break;
-    case kRows:
+    case kRows: {
+      const bool canonical = block_list_canonical(T.idx, T.k, T.rows);
       for (int64_t r = task.begin; r < task.end; ++r) {
-        int64_t lo = 0, hi = T.k;  // first selected row >= r
-        while (lo < hi) {
-          const int64_t mid = (lo + hi) / 2;
-          if (T.idx[mid] < r) lo = mid + 1; else hi = mid;
+        int64_t slot = -1;
+        if (canonical) {
+          int64_t lo = 0, hi = T.k;  // first selected row >= r
+          while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (T.idx[mid] < r) lo = mid + 1; else hi = mid;
+          }
+          if (lo < T.k && T.idx[lo] == r) slot = lo;
+        } else {
+          slot = block_first_entry(T.idx, T.k, r, &s_first);
         }
-        if (lo < T.k && T.idx[lo] == r) adam_range(T, r * n, (r + 1) * n, (lo - r) * n);
+        if (slot >= 0) adam_range(T, r * n, (r + 1) * n, (slot - r) * n);
         else free_range(T, r * n, (r + 1) * n);
       }
       break;
+    }
     case kColumns: {
+      const bool canonical = block_list_canonical(T.idx, T.k, n);
       const int words = static_cast<int>((n + 31) / 32);
       for (int i = threadIdx.x; i < words; i += kThreads) column_mask[i] = 0u;
       __syncthreads();
@@ -158,19 +213,19 @@ __global__ void __launch_bounds__(kThreads)
               if (!((column_mask[c >> 5] >> (c & 31)) & 1u))
                 T.w[row + c] = static_cast<scalar_t>(free_coordinate<acc>(p.w, p.g, T.s));
             });
+        // Each selected column is written by exactly one entry, its active one (frugal_math.h).
         unrolled_range(
             int64_t(0), T.k,
             [&](int64_t j) {
               const int32_t c = T.idx[j];
-              const bool valid = c >= 0 && c < n;  // out-of-range indices are skipped, never followed
-              const int64_t e = row + (valid ? c : 0);
-              return Quad<acc>{valid ? static_cast<acc>(T.w[e]) : acc(0), valid ? static_cast<acc>(T.g[e]) : acc(0),
-                               static_cast<acc>(T.m[r * T.k + j]), static_cast<acc>(T.v[r * T.k + j])};
+              const bool on = canonical || entry_active(T.idx, j, n);
+              const int64_t e = row + (on ? c : 0);
+              return ActiveQuad<acc>{on ? static_cast<acc>(T.w[e]) : acc(0), on ? static_cast<acc>(T.g[e]) : acc(0),
+                                     static_cast<acc>(T.m[r * T.k + j]), static_cast<acc>(T.v[r * T.k + j]), on};
             },
-            [&](int64_t j, Quad<acc> q) {
-              const int32_t c = T.idx[j];
-              if (c < 0 || c >= n) return;
-              T.w[row + c] = static_cast<scalar_t>(adam_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
+            [&](int64_t j, ActiveQuad<acc> q) {
+              if (!q.on) return;  // out of range or a repeat: its slot is left as it is
+              T.w[row + T.idx[j]] = static_cast<scalar_t>(adam_coordinate<acc>(q.w, q.g, q.a, q.b, T.s));
               T.m[r * T.k + j] = static_cast<scalar_t>(q.a);
               T.v[r * T.k + j] = static_cast<scalar_t>(q.b);
             });
@@ -235,7 +290,7 @@ void step_cuda(const StepArgs& a) {
 
 }  // namespace
 
-constexpr Kernels kCudaKernels{step_cuda, /*validate_index_values=*/false};
+constexpr Kernels kCudaKernels{step_cuda};
 
 }  // namespace frugal
 }  // namespace fusedtrain

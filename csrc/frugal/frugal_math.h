@@ -4,6 +4,8 @@
 
 #include "../common/math.h"
 
+#include <cstdint>
+
 // Always inlined: the CPU loops must vectorize over these, and a call per element would not (GCC
 // does not always inline them on its own).
 #if defined(__CUDACC__)
@@ -19,9 +21,23 @@ namespace frugal {
 
 // How one tensor of a step is updated. The projection itself (which coordinates, which basis) is
 // chosen in Python; the kernels only apply it.
+// `indices` of kColumns / kRows is read as a SET, on every device, whatever its values: entry j is
+// active iff its value lies in [0, limit) (the columns or rows there are) and no earlier entry has
+// the same value. The selected columns (rows) are the values of the active entries: each gets
+// AdamW once, with the moments of its active entry's slot j; every other column (row) gets the
+// state-free update. The moment slots of inactive entries (out of range, repeated) are left as they
+// are. A sorted list of unique in-range indices, what FRUGAL passes, is every entry active; other
+// lists are neither an error nor a race (CPU: made canonical on the host; CUDA: a slower path on
+// the device, no host sync).
+FT_FRUGAL_INLINE bool strictly_increasing_in_range(const int32_t* idx, int64_t k, int64_t limit) {
+  for (int64_t j = 0; j < k; ++j)
+    if (idx[j] < 0 || idx[j] >= limit || (j > 0 && idx[j] <= idx[j - 1])) return false;
+  return true;
+}
+
 enum Kind : int {
   kDense = 0,     // AdamW on every coordinate (non-projectable tensors, active blocks, density 1)
-  kColumns = 1,   // AdamW on the columns listed in `indices` (int32, sorted), signSGD/SGD elsewhere
+  kColumns = 1,   // AdamW on the columns listed in `indices` (int32, a set: above), signSGD/SGD elsewhere
   kRows = 2,      // the same for rows
   kFree = 3,      // state-free update only (inactive blocks, density 0)
   kResidual = 4,  // svd/random: w -= lr·dense_update + lr·free_lr_scale·free(g − residual_base)

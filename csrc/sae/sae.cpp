@@ -8,14 +8,17 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/bincount.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/cummax.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -120,21 +123,29 @@ Csr4 route(const at::Tensor& pre_in, const std::string& routing, int64_t k,
   auto pre = rows_unit_stride(pre_in);
   Cutoffs c;
   c.pre = pre;
+  // The cutoff is the first rejected entry (sae_math.h): the (m + 1)-th best positive one, so
+  // the kernels select rank m + 1. m >= the entries there are keeps every positive one: (0, -1)
+  // without a pass (and no m + 1 overflow).
   if (r == kFeatureChoice) {
     FT_CHECK_VALUE(k >= 0, "m (tokens per feature) must be >= 0, got ", k);
     c.value = at::empty({F}, acc_opts);
     c.index = at::empty({F}, long_opts);
-    if (F > 0) K.column_cutoff(pre, k, c.value, c.index);
+    if (k >= B) {
+      c.value.zero_();
+      c.index.fill_(-1);
+    } else if (F > 0) {
+      K.column_cutoff(pre, k + 1, c.value, c.index);
+    }
   } else if (r == kMutualChoice) {
     FT_CHECK_VALUE(k >= 0, "budget must be >= 0, got ", k);
     c.value = at::empty({1}, acc_opts);
     c.index = at::empty({1}, long_opts);
     c.flat = true;
-    if (B * F > 0) {
-      K.global_cutoff(pre, k, c.value, c.index);
-    } else {
-      c.value.fill_(std::numeric_limits<double>::infinity());
+    if (k >= B * F) {
+      c.value.zero_();
       c.index.fill_(-1);
+    } else {
+      K.global_cutoff(pre, k + 1, c.value, c.index);
     }
   } else {
     FT_CHECK_VALUE(theta.has_value() && theta->defined(), "threshold routing needs theta");
@@ -197,6 +208,22 @@ void check_table(const at::Tensor& table, const at::Tensor& coef, const char* na
   check_same_device(table, coef, name, coef_name);
 }
 
+// An offsets vector as every op reads it (sae.h): clamped to [0, nnz] and made non-decreasing (its
+// running maximum), so its ranges never overlap and never leave [0, nnz], whatever its values. A
+// valid one (0 = first <= ... <= last = nnz) is read unchanged. CPU: checked on the host first, so
+// the valid case costs no copy; CUDA: two small device ops, no host sync.
+at::Tensor read_offsets(const at::Tensor& ptr_in, int64_t nnz) {
+  auto ptr = ptr_in.contiguous();
+  if (ptr.is_cpu()) {
+    const int64_t* p = ptr.const_data_ptr<int64_t>();
+    const int64_t n = ptr.numel();
+    bool ok = true;
+    for (int64_t i = 0; i < n && ok; ++i) ok = p[i] >= 0 && p[i] <= nnz && (i == 0 || p[i] >= p[i - 1]);
+    if (ok) return ptr;
+  }
+  return std::get<0>(at::cummax(at::clamp(ptr, c10::Scalar(int64_t(0)), c10::Scalar(nnz)), 0)).contiguous();
+}
+
 }  // namespace
 
 at::Tensor gather_rows(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
@@ -214,7 +241,8 @@ at::Tensor gather_rows(const at::Tensor& row_ptr, const at::Tensor& col, const a
   }
   auto out = at::empty({B, d}, table.options());
   if (B > 0 && d > 0)
-    K.gather_rows(row_ptr.contiguous(), col.contiguous(), coef.contiguous(), table.contiguous(), b, out);
+    K.gather_rows(read_offsets(row_ptr, col.size(0)), col.contiguous(), coef.contiguous(), table.contiguous(), b,
+                  out);
   return out;
 }
 
@@ -230,25 +258,37 @@ at::Tensor sampled_dot(const at::Tensor& row_ptr, const at::Tensor& col, const a
                  "grad must have shape (B, d) = (", row_ptr.size(0) - 1, ", ", table.size(1), "), got ",
                  grad.sizes());
   auto out = at::empty({col.size(0)}, grad.options());
+  check_same_device(row_ptr, grad, "row_ptr", "grad");
+  check_same_device(col, grad, "feature", "grad");
   if (col.size(0) > 0)
-    K.sampled_dot(row_ptr.contiguous(), col.contiguous(), grad.contiguous(), table.contiguous(), out);
+    K.sampled_dot(read_offsets(row_ptr, col.size(0)), col.contiguous(), grad.contiguous(), table.contiguous(), out);
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_torch(const at::Tensor& row_ptr, const at::Tensor& col,
+                                                         int64_t num_cols) {
+  const int64_t B = row_ptr.size(0) - 1, nnz = col.size(0);
+  // Each entry's row (sae.h: -1 before the first row, B after the last), by a search of the
+  // non-decreasing row_ptr; then its key: the feature, or num_cols for an entry that is dropped.
+  auto entries = at::arange(nnz, col.options());
+  auto row_of = at::sub(at::searchsorted(row_ptr, entries, /*out_int32=*/false, /*right=*/true), 1);
+  auto valid = row_of.ge(0).logical_and_(row_of.lt(B)).logical_and_(col.ge(0)).logical_and_(col.lt(num_cols));
+  auto key = at::where(valid, col, at::scalar_tensor(num_cols, col.options()));
+  // A stable sort by key keeps each feature's entries in token order: the aggregation order, and
+  // so the sums, are the same on every run. col_ptr[f] = the first position whose key is >= f.
+  auto [sorted_key, perm] = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto col_ptr = at::searchsorted(sorted_key, at::arange(num_cols + 1, col.options()), false, false);
+  return {col_ptr, perm, row_of.index_select(0, perm)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csc(const at::Tensor& row_ptr, const at::Tensor& col,
-                                                   int64_t num_cols) {
+                                                   int64_t num_cols, const Kernels& K) {
   check_index_vector(row_ptr, "row_ptr");
   check_index_vector(col, "feature");
-  FT_CHECK_VALUE(num_cols >= 0, "num_cols must be >= 0, got ", num_cols);
-  const int64_t B = row_ptr.size(0) - 1, nnz = col.size(0);
-  // A stable sort by feature keeps each feature's entries in token order: the aggregation order,
-  // and so the sums, are the same on every run.
-  auto perm = std::get<1>(at::sort(col, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  auto per_row = at::sub(row_ptr.slice(0, 1), row_ptr.slice(0, 0, B));
-  auto token_of_entry = at::repeat_interleave(per_row, std::optional<int64_t>(nnz));  // row of each entry
-  auto token = token_of_entry.index_select(0, perm);
-  auto col_ptr = offsets_from_counts(at::bincount(col, c10::nullopt, num_cols).slice(0, 0, num_cols));
-  return {col_ptr, perm, token};
+  FT_CHECK_VALUE(row_ptr.size(0) >= 1, "row_ptr must have B + 1 >= 1 entries");
+  FT_CHECK_VALUE(num_cols >= 0 && num_cols < (int64_t(1) << 62), "num_cols must be in [0, 2^62), got ", num_cols);
+  check_same_device(row_ptr, col, "row_ptr", "feature");
+  return K.csc(read_offsets(row_ptr, col.size(0)), col.contiguous(), num_cols);
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const at::Tensor& perm,
@@ -264,10 +304,13 @@ std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const 
   check_table(src, coef, "src", "coef");
   FT_CHECK_VALUE(col_ptr.size(0) >= 1, "col_ptr must have F + 1 >= 1 entries");
   const int64_t F = col_ptr.size(0) - 1;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{col_ptr, "col_ptr"}, {perm, "perm"}, {token, "token"}})
+    check_same_device(t, src, name, "src");
+  check_same_device(coef, src, "coef", "src");
   auto out = at::empty({F, src.size(1)}, src.options());
   auto coef_sum = at::empty({F}, coef.options());
   if (F > 0)
-    K.segment_sum(col_ptr.contiguous(), perm.contiguous(), token.contiguous(), coef.contiguous(),
+    K.segment_sum(read_offsets(col_ptr, perm.size(0)), perm.contiguous(), token.contiguous(), coef.contiguous(),
                   src.contiguous(), out, coef_sum);
   return {out, coef_sum};
 }
@@ -302,17 +345,12 @@ at::Tensor sampled_dot_op(const at::Tensor& row_ptr, const at::Tensor& col, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_op(const at::Tensor& row_ptr, const at::Tensor& col,
                                                       int64_t num_cols) {
   const DeviceScope scope(col);
-  // The CPU kernel reads row_ptr on the host: a CUDA row_ptr must not reach it.
-  if (row_ptr.defined() && col.defined()) check_same_device(col, row_ptr, "feature", "row_ptr");
-  return backend<Kernels>(col).csc(row_ptr, col, num_cols);
+  return csc(row_ptr, col, num_cols, backend<Kernels>(col));
 }
 std::tuple<at::Tensor, at::Tensor> segment_sum_op(const at::Tensor& col_ptr, const at::Tensor& perm,
                                                   const at::Tensor& token, const at::Tensor& coef,
                                                   const at::Tensor& src) {
   const DeviceScope scope(src);
-  // The CPU kernel reads the index vectors on the host: CUDA ones must not reach it.
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{col_ptr, "col_ptr"}, {perm, "perm"}, {token, "token"}})
-    if (t.defined() && src.defined()) check_same_device(t, src, name, "src");
   return segment_sum(col_ptr, perm, token, coef, src, backend<Kernels>(src));
 }
 

@@ -31,16 +31,25 @@ struct Cutoffs {
 struct Kernels {
   // Row top-k by ranks_before: values (B, k) in pre's dtype, indices (B, k) int64, best first.
   void (*topk)(const at::Tensor& pre, int64_t k, const at::Tensor& values, const at::Tensor& indices);
-  // Per feature, the cutoff of its m best positive tokens: value (F,) and token (F,).
-  // Fewer than m positives: (0, -1), every positive kept. m == 0: (+inf, -1), nothing kept.
-  void (*column_cutoff)(const at::Tensor& pre, int64_t m, const at::Tensor& value, const at::Tensor& index);
-  // The cutoff of the `budget` best positive entries of the whole matrix: value (1,), flat index (1,).
-  void (*global_cutoff)(const at::Tensor& pre, int64_t budget, const at::Tensor& value,
+  // Per feature, its r-th best positive token (value, token): value (F,) and index (F,), the rank
+  // r = m + 1 (the first token feature choice rejects; sae_math.h). At least r positive tokens: the
+  // r-th best. Fewer than r (exactly r - 1 included): (0, -1). r == 0: (+inf, -1).
+  void (*column_cutoff)(const at::Tensor& pre, int64_t r, const at::Tensor& value, const at::Tensor& index);
+  // The r-th best positive entry of the whole matrix (r = budget + 1), the same rules: value (1,),
+  // flat index (1,).
+  void (*global_cutoff)(const at::Tensor& pre, int64_t r, const at::Tensor& value,
                         const at::Tensor& index);
   // Kept entries per row -> counts (B,) int64; then their features (ascending) and values.
   void (*count_kept)(const Cutoffs& c, const at::Tensor& counts);
   void (*fill_kept)(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tensor& feature,
                     const at::Tensor& value);
+  // Index values (sae.cpp checks shapes, dtypes and devices; values are never trusted): row_ptr
+  // and col_ptr reach the kernels non-decreasing within [0, nnz] (read_offsets: clamped, then
+  // their running maximum; a valid one unchanged), so row b is entries [row_ptr[b], row_ptr[b+1])
+  // and no two rows overlap. An entry whose feature (token, perm) is outside its table contributes
+  // nothing; an entry outside every row gets 0 from sampled_dot. Every write index is bounded by
+  // construction, so no input can make a kernel touch memory outside its tensors.
+  //
   // out[b] = bias + Σ_{j in row b} coef_j · table[col_j]   (bias may be undefined)
   void (*gather_rows)(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& coef,
                       const at::Tensor& table, const at::Tensor& bias, const at::Tensor& out);
@@ -48,11 +57,15 @@ struct Kernels {
   void (*sampled_dot)(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
                       const at::Tensor& table, const at::Tensor& out);
   // out[f] = Σ_{p in col_ptr[f]..} coef[perm_p] · src[token_p], coef_sum[f] = Σ coef[perm_p]:
-  // per-feature aggregation in a fixed order (deterministic, no float atomics).
+  // per-feature aggregation in a fixed order (deterministic, no float atomics). A position p whose
+  // perm_p is outside [0, nnz) or token_p outside [0, B) is skipped in both sums.
   void (*segment_sum)(const at::Tensor& col_ptr, const at::Tensor& perm, const at::Tensor& token,
                       const at::Tensor& coef, const at::Tensor& src, const at::Tensor& out,
                       const at::Tensor& coef_sum);
-  // The CSC form of a CSR (col_ptr, perm, token): each feature's entries in token order.
+  // The CSC form of a CSR (col_ptr (num_cols + 1,), perm (nnz,), token (nnz,)): each feature's
+  // entries in entry order (= token order). An entry is dropped when it lies in no row or its
+  // feature is outside [0, num_cols): dropped entries follow col_ptr[num_cols], in entry order,
+  // with token -1 (before row 0) or B (after row B - 1) where they lie in no row.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*csc)(const at::Tensor& row_ptr, const at::Tensor& col,
                                                         int64_t num_cols);
   static void impl_ops(torch::Library& m);  // sae.cpp
@@ -69,9 +82,11 @@ at::Tensor gather_rows(const at::Tensor& row_ptr, const at::Tensor& col, const a
                        const at::Tensor& table, const c10::optional<at::Tensor>& bias, const Kernels& K);
 at::Tensor sampled_dot(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& grad,
                        const at::Tensor& table, const Kernels& K);
-// Kernels::csc from torch ops (a stable sort by feature): the CUDA backend's.
+// Kernels::csc from torch ops (a stable sort by feature, no host sync): the CUDA backend's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_torch(const at::Tensor& row_ptr, const at::Tensor& col,
+                                                         int64_t num_cols);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csc(const at::Tensor& row_ptr, const at::Tensor& col,
-                                                   int64_t num_cols);
+                                                   int64_t num_cols, const Kernels& K);
 std::tuple<at::Tensor, at::Tensor> segment_sum(const at::Tensor& col_ptr, const at::Tensor& perm,
                                                const at::Tensor& token, const at::Tensor& coef,
                                                const at::Tensor& src, const Kernels& K);

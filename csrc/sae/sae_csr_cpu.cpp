@@ -154,17 +154,15 @@ void fill_kept_cpu(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tensor
   });
 }
 
-// CSC of a CSR by counting sort: entries of each feature in token order (deterministic).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_cpu(const at::Tensor& row_ptr_in, const at::Tensor& col_in,
+// CSC of a CSR by counting sort: entries of each feature in token order (deterministic). row_ptr is
+// non-decreasing within [0, nnz] (sae.cpp's read_offsets); the result is sae.h's, entry for entry
+// the one of the torch-op version (sae.cpp's csc_torch): dropped entries (outside every row, or a
+// feature outside [0, num_cols)) follow col_ptr[num_cols] in entry order. Every entry is counted
+// once and placed once, so each write lies in [0, nnz).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
                                                        int64_t num_cols) {
-  FT_CHECK_VALUE(row_ptr_in.dim() == 1 && row_ptr_in.size(0) >= 1 && row_ptr_in.scalar_type() == at::kLong &&
-                     col_in.dim() == 1 && col_in.scalar_type() == at::kLong,
-                 "row_ptr and feature must be 1-D int64 tensors");
-  FT_CHECK_VALUE(num_cols >= 0, "num_cols must be >= 0, got ", num_cols);
-  auto row_ptr = row_ptr_in.contiguous();
-  auto col = col_in.contiguous();
   const int64_t B = row_ptr.size(0) - 1, nnz = col.size(0);
-  auto col_ptr = at::zeros({num_cols + 1}, col.options());
+  auto col_ptr = at::empty({num_cols + 1}, col.options());
   auto perm = at::empty({nnz}, col.options());
   auto token = at::empty({nnz}, col.options());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
@@ -172,22 +170,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csc_cpu(const at::Tensor& row_ptr
   int64_t* cp = col_ptr.data_ptr<int64_t>();
   int64_t* pm = perm.data_ptr<int64_t>();
   int64_t* tk = token.data_ptr<int64_t>();
+  // Each entry's row: -1 before row 0, B after row B - 1 (rp is non-decreasing within [0, nnz]).
+  std::vector<int64_t> row_of(static_cast<size_t>(nnz));
+  std::fill(row_of.begin(), row_of.begin() + rp[0], int64_t(-1));
+  for (int64_t b = 0; b < B; ++b) std::fill(row_of.begin() + rp[b], row_of.begin() + rp[b + 1], b);
+  std::fill(row_of.begin() + rp[B], row_of.end(), B);
+  auto key = [&](int64_t j) {
+    const int64_t b = row_of[j], f = cl[j];
+    return b >= 0 && b < B && f >= 0 && f < num_cols ? f : num_cols;
+  };
+  std::vector<int64_t> next(static_cast<size_t>(num_cols) + 2, 0);  // counts, then next free slot
+  for (int64_t j = 0; j < nnz; ++j) ++next[key(j) + 1];
+  for (int64_t f = 0; f <= num_cols; ++f) next[f + 1] += next[f];
+  std::copy(next.begin(), next.begin() + num_cols + 1, cp);
   for (int64_t j = 0; j < nnz; ++j) {
-    FT_CHECK_VALUE(cl[j] >= 0 && cl[j] < num_cols, "feature holds indices outside [0, ", num_cols, ")");
-    ++cp[cl[j] + 1];
+    const int64_t pos = next[key(j)]++;
+    pm[pos] = j;
+    tk[pos] = row_of[j];
   }
-  for (int64_t f = 0; f < num_cols; ++f) cp[f + 1] += cp[f];
-  std::vector<int64_t> next(cp, cp + std::max<int64_t>(num_cols, 1));
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t lo, hi;
-    clamped_range(rp, b, nnz, lo, hi);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t pos = next[cl[j]]++;
-      pm[pos] = j;
-      tk[pos] = b;
-    }
-  }
-  FT_CHECK_VALUE(B >= 0 && rp[0] == 0 && rp[B] == nnz, "row_ptr must run from 0 to nnz = ", nnz);
   return {col_ptr, perm, token};
 }
 

@@ -40,11 +40,13 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(const CutoffArgs<s
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) fill_kept_kernel(const CutoffArgs<scalar_t> a, const int64_t* __restrict__ row_ptr,
-                                                             int64_t* __restrict__ feature, scalar_t* __restrict__ value) {
+                                                             int64_t* __restrict__ feature, scalar_t* __restrict__ value,
+                                                             int64_t nnz) {
   __shared__ int scan_scratch[kWarps + 1];
   const int64_t b = blockIdx.x;
   const scalar_t* r = a.pre + b * a.stride;
   const int64_t start = row_ptr[b], room = row_ptr[b + 1] - start;
+  if (start < 0) return;  // never: row_ptr is the prefix sum of the count pass
   int64_t written = 0;
   for (int64_t base = 0; base < a.F; base += kThreads) {
     const int64_t f = base + threadIdx.x;
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) fill_kept_kernel(const CutoffArgs<sc
     int tile;
     const int64_t pos = written + block_exclusive_count(keep, scan_scratch, tile);
     written += tile;
-    if (keep && pos < room) {  // the count pass sized the row; never write past it
+    if (keep && pos < room && start + pos < nnz) {  // the count pass sized the row; never write past it
       feature[start + pos] = f;
       value[start + pos] = r[f];
     }
@@ -78,7 +80,7 @@ void fill_kept_cuda(const Cutoffs& c, const at::Tensor& row_ptr, const at::Tenso
   FUSEDTRAIN_DISPATCH_FLOATING(c.pre.scalar_type(), "sae_fill_kept_cuda", [&] {
     fill_kept_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         cutoff_args<scalar_t>(c), row_ptr.const_data_ptr<int64_t>(), feature.data_ptr<int64_t>(),
-        value.data_ptr<scalar_t>());
+        value.data_ptr<scalar_t>(), feature.numel());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -7,7 +7,7 @@ namespace fusedtrain {
 namespace sae {
 
 constexpr Kernels kCudaKernels{
-    topk_cuda, column_cutoff_cuda, global_cutoff_cuda, count_kept_cuda, fill_kept_cuda, gather_rows_cuda, sampled_dot_cuda, segment_sum_cuda, csc};
+    topk_cuda, column_cutoff_cuda, global_cutoff_cuda, count_kept_cuda, fill_kept_cuda, gather_rows_cuda, sampled_dot_cuda, segment_sum_cuda, csc_torch};
 
 }  // namespace sae
 }  // namespace fusedtrain

@@ -4,8 +4,15 @@
 // Every routing keeps entries with pre > 0 ranked by (value descending, index ascending); the index
 // is the feature for TopK, the token for feature choice, the flat position b·F + f for mutual
 // choice. Feature choice, mutual choice and threshold routing all reduce to one per-feature cutoff
-// (T_f, L_f): entry (b, f) is kept when pre > 0 and (pre > T_f, or pre == T_f and idx <= L_f).
-// T = +inf keeps nothing, T = 0 with L = -1 keeps every positive entry, L = -1 alone is `pre > T`.
+// (T_f, L_f), the FIRST REJECTED entry: entry (b, f) is kept iff pre > 0 and it ranks strictly
+// before (T_f, L_f), i.e. pre > T_f, or pre == T_f and idx < L_f.
+//   * feature choice with m (mutual choice with budget m): (T, L) is the (m+1)-th best positive
+//     entry of the column (of the matrix) when there are more than m positive entries, else
+//     (0, -1): every positive entry is kept. m = 0 therefore gives the best positive entry.
+//   * threshold routing: (θ_f, -1), i.e. pre > θ_f.
+// The routings return T as their cutoff: `pre > T` (threshold routing) reproduces the selection
+// exactly, except kept entries tied in value with the first rejected one (docs/sae.md).
+// T = 0 with L = -1 keeps every positive entry; L = -1 alone is `pre > T`; T = +inf keeps nothing.
 #pragma once
 
 #include "../common/math.h"
@@ -32,7 +39,7 @@ FT_HOST_DEVICE inline bool ranks_before(acc va, int64_t ia, acc vb, int64_t ib) 
 // The cutoff predicate above; `idx` is the token (feature choice) or flat index (mutual choice).
 template <typename acc>
 FT_HOST_DEVICE inline bool kept(acc v, acc cut_value, int64_t idx, int64_t cut_index) {
-  return v > acc(0) && (v > cut_value || (v == cut_value && idx <= cut_index));
+  return v > acc(0) && (v > cut_value || (v == cut_value && idx < cut_index));
 }
 
 // Radix bucket of a positive value: its top 16 bits, monotone in the value for positive floats.

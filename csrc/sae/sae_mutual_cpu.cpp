@@ -1,4 +1,4 @@
-// Mutual choice on the CPU: the cutoff of the budget best positive entries of the whole matrix,
+// Mutual choice on the CPU: the r-th best positive entry of the whole matrix (r = budget + 1, sae.h),
 // by radix select (sae_cpu.h).
 #include "sae_cpu.h"
 
@@ -68,7 +68,7 @@ void global_cutoff_impl(const at::Tensor& pre, int64_t budget, const at::Tensor&
     if (above + hist[bucket] >= budget) break;
     above += hist[bucket];
   }
-  if (bucket < 0) {  // fewer positive entries than the budget: keep them all
+  if (bucket < 0) {  // fewer than r positive entries: no r-th best, (0, -1)
     out_v[0] = acc(0);
     return;
   }

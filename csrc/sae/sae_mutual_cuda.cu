@@ -1,4 +1,4 @@
-// Mutual choice on CUDA: the cutoff of the budget best positive entries of the whole matrix
+// Mutual choice on CUDA: the r-th best positive entry of the whole matrix (r = budget + 1, sae.h)
 // (sae_cuda.cuh).
 #include "sae_cuda.cuh"
 
@@ -49,7 +49,7 @@ __global__ void global_pick_kernel(uint64_t* __restrict__ state, unsigned long l
     const uint64_t need = state[1];
     uint64_t above = 0, total = 0;
     for (int i = 0; i < 256; ++i) total += hist[i];
-    if (first && total <= need) {  // at most `budget` positive entries: keep them all
+    if (first && total < need) {  // fewer than r positive entries: no r-th best, (0, -1)
       state[2] = 1;
       cut_v[0] = acc(0);
       cut_i[0] = -1;
@@ -125,16 +125,16 @@ __global__ void __launch_bounds__(kThreads) global_tie_locate_kernel(
 
 }  // namespace
 
-void global_cutoff_cuda(const at::Tensor& pre, int64_t budget, const at::Tensor& value, const at::Tensor& index) {
+void global_cutoff_cuda(const at::Tensor& pre, int64_t r, const at::Tensor& value, const at::Tensor& index) {
   value.fill_(std::numeric_limits<double>::infinity());
   index.fill_(-1);
-  if (budget == 0) return;
+  if (r == 0) return;
   const int64_t B = pre.size(0), F = pre.size(1);
   check_grid(B, "the number of rows");
   const int device = pre.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   auto state = at::zeros({3}, pre.options().dtype(at::kLong));
-  state[1].fill_(budget);
+  state[1].fill_(r);
   auto hist = at::zeros({256}, pre.options().dtype(at::kLong));
   auto ties = at::empty({B}, pre.options().dtype(at::kLong));
   const int64_t blocks = std::min<int64_t>(B, 4 * cuda::multiprocessor_count(device));

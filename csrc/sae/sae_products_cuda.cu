@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(kThreads) segment_sum_kernel(
   if (threadIdx.x == 0) {
     acc total = 0;
     for (int64_t p = lo; p < hi; ++p) {
-      const int64_t j = perm[p];
-      if (j >= 0 && j < nnz) total += static_cast<acc>(coef[j]);
+      const int64_t j = perm[p], b = token[p];
+      if (j >= 0 && j < nnz && b >= 0 && b < B) total += static_cast<acc>(coef[j]);  // the sum's entries
     }
     coef_sum[f] = static_cast<scalar_t>(total);
   }

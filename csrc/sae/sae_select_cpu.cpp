@@ -240,7 +240,7 @@ FT_ALWAYS_INLINE void column_blocks(const scalar_t* p, int64_t B, int64_t F, int
     }
     for (int64_t c = 0; c < width; ++c) {
       TopSelector<acc>& s = sel[c];
-      if (!s.truncated && static_cast<int64_t>(s.buf.size()) <= m) {  // every positive entry is kept
+      if (!s.truncated && static_cast<int64_t>(s.buf.size()) < m) {  // fewer than m positive entries
         out_v[f0 + c] = acc(0);
         out_i[f0 + c] = -1;
         continue;

@@ -54,12 +54,13 @@ __device__ Key radix_select_kth(const ForEachKey& for_each_key, Count k, unsigne
   return prefix;
 }
 
-// Cutoff mode: whether a row has at most k positive entries (`positives`: this thread's count),
-// so that every one is kept; its cutoff is then (0, -1). Every thread of the block must call it.
+// Cutoff mode: whether a row has fewer than k positive entries (`positives`: this thread's count),
+// so that it has no k-th best: its cutoff is then (0, -1) (sae.h: the rank k is m + 1, so every
+// positive entry is kept). Every thread of the block must call it.
 template <typename acc>
-__device__ __forceinline__ bool keeps_every_positive(int64_t positives, int64_t k, int64_t row, acc* cut_v,
+__device__ __forceinline__ bool has_no_kth_positive(int64_t positives, int64_t k, int64_t row, acc* cut_v,
                                                      int64_t* cut_i, int64_t* sum_scratch) {
-  if (block_sum(positives, sum_scratch) > k) return false;
+  if (block_sum(positives, sum_scratch) >= k) return false;
   if (threadIdx.x == 0) {
     cut_v[row] = acc(0);
     cut_i[row] = -1;
@@ -80,7 +81,7 @@ struct RowSelectOutputs {
 // ---------------------------------------------------------------------------------------------
 // Row select. Mode TopK: all entries eligible, write the k best (value desc, index asc).
 // Mode cutoff: positive entries only, write the k-th best as (value, index), (0, -1) when there
-// are at most k positive entries.
+// are fewer than k positive entries.
 template <typename scalar_t, bool kTopK>
 __global__ void __launch_bounds__(kThreads) row_select_kernel(
     const scalar_t* __restrict__ pre, int64_t F, int64_t stride, int64_t k, const RowSelectOutputs<scalar_t> out) {
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) row_select_kernel(
   if (!kTopK) {
     int64_t n = 0;
     for (int64_t f = threadIdx.x; f < F; f += kThreads) n += eligible(static_cast<acc>(r[f]));
-    if (keeps_every_positive(n, k, row, out.cut_value, out.cut_index, sum_scratch)) return;
+    if (has_no_kth_positive(n, k, row, out.cut_value, out.cut_index, sum_scratch)) return;
   }
 
   // The k-th best key (prefix), and how many entries equal to it are taken (need), smallest
@@ -304,8 +305,8 @@ __global__ void __launch_bounds__(kThreads) row_stream_select_kernel(
   }
 
   if (!kTopK) {
-    if (keeps_every_positive(eligible_n, static_cast<int64_t>(k), row, out.cut_value, out.cut_index, sum_scratch)) return;
-    // total > k positive entries, and the buffer holds a superset of the k best: count >= k.
+    if (has_no_kth_positive(eligible_n, static_cast<int64_t>(k), row, out.cut_value, out.cut_index, sum_scratch)) return;
+    // total >= k positive entries, and the buffer holds a superset of the k best: count >= k.
     int need;
     const Key kth = buffer_kth_key(buf_key, count, k, hist, &s_prefix, &s_need, need);
     int ties_before = 0;
@@ -476,14 +477,14 @@ __global__ void __launch_bounds__(kThreads) column_stream_cutoff_kernel(
   for (int c = warp; c < kColumns; c += kWarps) {
     const int64_t fc = static_cast<int64_t>(blockIdx.x) * kColumns + c;
     if (fc >= F) continue;  // warp-uniform
-    if (positives[c] <= static_cast<unsigned long long>(m)) {  // every positive token is kept
+    if (positives[c] < static_cast<unsigned long long>(m)) {  // no m-th best: (0, -1)
       if (lane == 0) {
         cut_v[fc] = acc(0);
         cut_i[fc] = -1;
       }
       continue;
     }
-    // More than m positives: the buffer holds a superset of the m best, so count[c] >= m.
+    // At least m positives: the buffer holds a superset of the m best, so count[c] >= m.
     Key k3[3];
     int i3[3], r3[3];
     column_ranks(buf_key + c * kColumnStride, buf_idx + c * kColumnStride, count[c], k3, i3, r3);
@@ -517,7 +518,7 @@ void column_cutoff_cuda(const at::Tensor& pre, int64_t m, const at::Tensor& valu
     index.fill_(-1);
     return;
   }
-  if (m >= pre.size(0)) {  // at most m positive tokens in any column: every one is kept
+  if (m > pre.size(0)) {  // fewer than m tokens in any column: no m-th best
     value.fill_(0);
     index.fill_(-1);
     return;

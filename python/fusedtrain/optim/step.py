@@ -27,8 +27,10 @@ def frugal_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
     Every tensor is seen as a matrix (size(0), rest) and updated by its `kinds[i]`:
       0 dense:    AdamW on all of it (exp_avgs/exp_avg_sqs shaped like the param)
-      1 columns:  AdamW on the columns `indices[i]` (int32, sorted, unique), moments (rows, k);
-                  `free_update` on the other columns
+      1 columns:  AdamW on the columns `indices[i]` (int32, sorted, unique as FRUGAL passes them),
+                  moments (rows, k); `free_update` on the other columns. The compiled kernels read
+                  any list as a set, the same on CPU and CUDA (docs/frugal.md): out-of-range and
+                  repeated entries are inactive (their moment slots untouched), order is free
       2 rows:     the same for rows, moments (k, cols)
       3 free:     `free_update` on all of it (no moments: pass empty tensors)
       4 residual: w ← w·(1 − lr·wd) − lr·dense_updates[i] − lr·free_lr_scale·free(g − residual_bases[i])

@@ -70,15 +70,29 @@ def route_mask(pre: torch.Tensor, routing: str, k: int | None = None, theta=None
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
+def _first_rejected(values: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """The (m + 1)-th best positive value along `dim`, 0 where at most m entries are positive
+    (every positive entry is kept): the cutoff of docs/sae.md, the best positive value the routing
+    rejected. `pre > cutoff` keeps exactly the selection, but for kept entries tied with it."""
+    pos = torch.where(values > 0, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    n = values.shape[dim]
+    if m >= n:
+        shape = list(values.shape)
+        del shape[dim]
+        return torch.zeros(shape, dtype=torch.float64, device=values.device)
+    return pos.sort(dim=dim, descending=True).values.select(dim, m)
+
+
 def feature_choice_cutoff(pre: torch.Tensor, m: int) -> torch.Tensor:
-    """Per feature, the m-th best positive value (0 where fewer than m are positive, +inf for m = 0)."""
-    B, F = pre.shape
-    if m == 0:
-        return torch.full((F,), math.inf, dtype=torch.float64, device=pre.device)
-    pos = torch.where(pre > 0, pre.double(), torch.zeros((), dtype=torch.float64, device=pre.device))
-    if m > B:
-        return torch.zeros(F, dtype=torch.float64, device=pre.device)
-    return pos.sort(dim=0, descending=True).values[m - 1]
+    """Per feature, the best positive value feature choice rejects: the (m + 1)-th best positive
+    value of the column, 0 where at most m are positive (float64)."""
+    return _first_rejected(pre, m, 0)
+
+
+def mutual_choice_cutoff(pre: torch.Tensor, budget: int) -> torch.Tensor:
+    """The best positive value mutual choice rejects, shape (1,): the (budget + 1)-th best positive
+    value of the matrix, 0 where at most `budget` are positive (float64)."""
+    return _first_rejected(pre.reshape(-1), budget, 0).reshape(1)
 
 
 def csr_from_dense(acts: torch.Tensor, mask: torch.Tensor):
@@ -90,12 +104,24 @@ def csr_from_dense(acts: torch.Tensor, mask: torch.Tensor):
     return row_ptr, feature, acts[token, feature]
 
 
+def entry_tokens(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Each stored entry's token (row), reading row_ptr as every op does (docs/sae.md): clamped to
+    [0, nnz], then its running maximum. An entry in no row gets -1 (before row 0) or B (after the
+    last row); a valid row_ptr gives each entry its row. No host sync, no index can leave a tensor."""
+    offsets = row_ptr.clamp(0, nnz).cummax(0).values
+    entries = torch.arange(nnz, device=row_ptr.device, dtype=row_ptr.dtype)
+    return torch.searchsorted(offsets, entries, right=True) - 1
+
+
 def dense_from_csr(row_ptr: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, num_latents: int):
-    """The (B, F) dense matrix of a CSR-by-token result (differentiable in `value`)."""
+    """The (B, F) dense matrix of a CSR-by-token result (differentiable in `value`). Entries in no
+    row, or with a feature outside [0, F), are dropped (a spare row and column take them)."""
     B = row_ptr.numel() - 1
-    token = torch.repeat_interleave(torch.arange(B, device=row_ptr.device), row_ptr.diff())
-    out = value.new_zeros(B, num_latents)
-    return out.index_put((token, feature), value)
+    token = entry_tokens(row_ptr, feature.numel())
+    token = torch.where((token >= 0) & (token < B), token, B)
+    feature = torch.where((feature >= 0) & (feature < num_latents), feature, num_latents)
+    out = value.new_zeros(B + 1, num_latents + 1)
+    return out.index_put((token, feature), value)[:B, :num_latents]
 
 
 def encode(x, W_enc, b_enc, b_dec, routing: str, k: int | None = None, theta=None) -> torch.Tensor:

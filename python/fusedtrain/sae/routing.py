@@ -4,8 +4,6 @@ entries, all with pre > 0. Ties: larger value first, then smaller index.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._core import backend
@@ -28,16 +26,13 @@ def route(pre: torch.Tensor, routing: str, param: int, theta=None) -> tuple[Spar
 
 
 def reference_cutoff(pre: torch.Tensor, routing: str, param: int) -> torch.Tensor:
+    """The routing's cutoff as the kernels return it (docs/sae.md): the best positive value it
+    rejected, 0 when it kept every positive entry; (F,) for feature choice, (1,) for mutual choice."""
     acc = accumulate_dtype(pre.dtype)
     if routing == "feature_choice":
         return _reference.feature_choice_cutoff(pre, param).to(acc)
     if routing == "mutual_choice":
-        pos = pre[pre > 0].double()
-        if param == 0:
-            return torch.full((1,), math.inf, dtype=acc, device=pre.device)
-        if pos.numel() <= param:
-            return torch.zeros(1, dtype=acc, device=pre.device)
-        return pos.sort(descending=True).values[param - 1:param].to(acc)
+        return _reference.mutual_choice_cutoff(pre, param).to(acc)
     return torch.empty(0, dtype=acc, device=pre.device)
 
 

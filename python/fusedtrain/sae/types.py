@@ -19,9 +19,9 @@ class SparseActs(NamedTuple):
         return self.row_ptr.numel() - 1
 
     def token(self) -> torch.Tensor:
-        """The token (row) of every stored entry, (nnz,) int64."""
-        return torch.repeat_interleave(torch.arange(self.num_tokens, device=self.row_ptr.device),
-                                       self.row_ptr.diff(), output_size=self.feature.numel())
+        """The token (row) of every stored entry, (nnz,) int64. A malformed row_ptr is read as the
+        ops read it (docs/sae.md): an entry in no row gets -1 (before row 0) or B (after the last)."""
+        return _reference.entry_tokens(self.row_ptr, self.feature.numel())
 
     def to_dense(self, num_latents: int) -> torch.Tensor:
         """The (B, num_latents) dense activations (differentiable in `value`)."""
