@@ -483,6 +483,12 @@ def test_index_list_is_a_set(device, needs_kernels, kind, name):
     v_exp.index_copy_(dim, slots, exp[3])
     for got, want in ((ours[0], exp[0]), (ours[2], m_exp), (ours[3], v_exp)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-13, atol=1e-14)
+    # The reference reads the hostile list the same way (it is the fallback without a kernel).
+    direct = [t.clone() for t in (w, g, m, v)]
+    ref.frugal_step_([direct[0]], [direct[1]], [direct[2]], [direct[3]], [torch.tensor(idx, dtype=torch.int32)],
+                     [code], [3], **HYPER)
+    for got, want in ((direct[0], exp[0]), (direct[2], m_exp), (direct[3], v_exp)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 
 def test_hostile_index_values_do_not_crash(device, needs_kernels):
@@ -556,3 +562,15 @@ def test_cuda_column_limit_is_an_error():
     with pytest.raises(ValueError, match=r"params\[0\] has 400000 columns"):
         fusedtrain.frugal_step_([p], [torch.ones_like(p)], [torch.zeros(1, 2, device="cuda")],
                                 [torch.zeros(1, 2, device="cuda")], [idx], [ref.COLUMNS], [1], **HYPER)
+
+
+@pytest.mark.parametrize("free_update", ["signsgd", "sgd"])
+def test_nan_gradient_reaches_the_weight(device, free_update):
+    """A NaN gradient coordinate makes its weight NaN in the state-free part too (sign(NaN) = NaN,
+    as torch.sign), never a silently skipped update; the other weights stay finite."""
+    p = torch.nn.Parameter(torch.randn(8, 8, device=device))
+    opt = FRUGAL([p], lr=0.1, density=0.0, free_update=free_update, seed=0)  # all of it state-free
+    p.grad = torch.randn(8, 8, device=device)
+    p.grad[2, 3] = float("nan")
+    opt.step()
+    assert torch.isnan(p[2, 3]) and torch.isfinite(p.detach().flatten()[torch.arange(64, device=device) != 19]).all()

@@ -61,11 +61,15 @@ struct Scalars {
   int free_update;
 };
 
-// The state-free direction: sign(g) (signSGD), g (SGD) or nothing.
+// The state-free direction: sign(g) (signSGD), g (SGD) or nothing. sign(NaN) is NaN, as torch.sign:
+// a NaN gradient must reach the weight, not be skipped as a zero.
 template <typename acc>
 FT_FRUGAL_INLINE acc free_direction(acc g, int mode) {
-  // Branch-free sign (0 for 0 and NaN), so CPU loops over it vectorize.
-  if (mode == kSignSGD) return static_cast<acc>(g > acc(0)) - static_cast<acc>(g < acc(0));
+  // Branch-free (a compare and a select), so CPU loops over it vectorize.
+  if (mode == kSignSGD) {
+    const acc sign = static_cast<acc>(g > acc(0)) - static_cast<acc>(g < acc(0));
+    return g == g ? sign : g;
+  }
   return mode == kSGD ? g : acc(0);
 }
 

@@ -54,13 +54,20 @@ def frugal_step_(params, grads, exp_avgs, exp_avg_sqs, indices, kinds, steps, *,
         new = W * decay - free_scale * free_direction(G, free_update)
         if kind in (DENSE, COLUMNS, ROWS):
             if kind == DENSE:
-                select = (slice(None), slice(None))
+                select, slots = (slice(None), slice(None)), (slice(None), slice(None))
+                m_all, v_all = exp_avgs[i].reshape(rows, cols), exp_avg_sqs[i].reshape(rows, cols)
             else:
                 idx = indices[i].long()
-                select = (slice(None), idx) if kind == COLUMNS else (idx, slice(None))
+                active = active_slots(idx, cols if kind == COLUMNS else rows)
+                k = idx.numel()
+                if kind == COLUMNS:
+                    select, slots = (slice(None), idx[active]), (slice(None), active)
+                    m_all, v_all = exp_avgs[i].reshape(rows, k), exp_avg_sqs[i].reshape(rows, k)
+                else:
+                    select, slots = (idx[active], slice(None)), (active, slice(None))
+                    m_all, v_all = exp_avgs[i].reshape(k, cols), exp_avg_sqs[i].reshape(k, cols)
             Gs, Ws = G[select], W[select]
-            m = exp_avgs[i].reshape(Gs.shape).to(acc)
-            v = exp_avg_sqs[i].reshape(Gs.shape).to(acc)
+            m, v = m_all[slots].to(acc), v_all[slots].to(acc)
             # torch.optim.AdamW's order of operations.
             m = torch.lerp(m, Gs, 1.0 - beta1)
             v = v * beta2 + (1.0 - beta2) * Gs * Gs
@@ -68,9 +75,19 @@ def frugal_step_(params, grads, exp_avgs, exp_avg_sqs, indices, kinds, steps, *,
             step_size = lr / (1.0 - beta1 ** t)
             bc2_sqrt = math.sqrt(1.0 - beta2 ** t)
             new[select] = Ws * decay - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
-            exp_avgs[i].copy_(m.reshape(exp_avgs[i].shape))
-            exp_avg_sqs[i].copy_(v.reshape(exp_avg_sqs[i].shape))
+            m_all[slots] = m.to(m_all.dtype)
+            v_all[slots] = v.to(v_all.dtype)
         p.detach().copy_(new.reshape(p.shape))
+
+
+def active_slots(idx: torch.Tensor, limit: int) -> torch.Tensor:
+    """The positions of an index list's active entries (docs/frugal.md, "Index lists are read as a
+    set"): the value lies in [0, limit) and no earlier entry has the same value."""
+    order = torch.argsort(idx, stable=True)  # equal values keep their positions' order
+    first = torch.ones_like(idx, dtype=torch.bool)
+    sorted_idx = idx[order]
+    first[order[1:]] = sorted_idx[1:] != sorted_idx[:-1]
+    return torch.nonzero(first & (idx >= 0) & (idx < limit)).squeeze(1)
 
 
 class FRUGALReference(FRUGALBase):
