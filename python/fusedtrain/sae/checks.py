@@ -1,11 +1,9 @@
 """Argument checks of the SAE family (the C++ ops check again; these name the Python-level argument)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._core.checks import check_float_tensor, check_int, check_like
+from .._core.checks import INT64_MAX, check_float_tensor, check_int, check_like
 from .._core.dtypes import accumulate_dtype
 from .types import SparseActs
 
@@ -19,11 +17,12 @@ def routing_param(routing: str, k, m, budget, batch: int, num_latents: int) -> i
     if routing == "feature_choice":
         if m is None:
             k = check_int(k, "k", 0)
-            return math.ceil(k * batch / num_latents) if num_latents else 0
+            # Exact integer ceil; m >= B keeps every entry, so clamping to int64 changes nothing.
+            return min(-(-k * batch // num_latents), INT64_MAX) if num_latents else 0
         return check_int(m, "m", 0)
     if routing == "mutual_choice":
-        if budget is None:
-            return check_int(k, "k", 0) * batch
+        if budget is None:  # a budget >= B·F keeps every entry: clamping to int64 changes nothing
+            return min(check_int(k, "k", 0) * batch, INT64_MAX)
         return check_int(budget, "budget", 0)
     raise ValueError(f"routing must be one of {ROUTINGS + ('threshold',)}, got {routing!r}")
 
