@@ -339,16 +339,19 @@ def test_malformed_stats_name_stats(device):
 @pytest.mark.parametrize("routing", ["topk", "feature_choice", "mutual_choice"])
 def test_sparse_autoencoder_names_x(device, routing):
     model = sae.SparseAutoencoder(8, 32, routing, 4, device=device)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, d_in\) = \(B, 8\), got \(4, 7\)"):
         model(torch.randn(4, 7, device=device))
     model.eval()
     model.threshold_steps.fill_(1)  # threshold inference
-    with pytest.raises(ValueError, match=r"x must have shape \(B, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, d_in\) = \(B, 8\)"):
         model.encode(torch.randn(4, 7, device=device))
+    # The functional encoder names both: either may be the wrong one.
+    with pytest.raises(ValueError, match=r"W_enc must have shape \(d, F\) with d = 7 the width of x"):
+        sae.sae_encode(torch.randn(4, 7, device=device), model.W_enc, model.b_enc, model.b_dec, k=2)
 
 
 def test_sparse_autoencoder_constructor_and_loader():
-    with pytest.raises(ValueError, match="k_aux must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"k_aux must be in \[0, 2\*\*63 - 1\], got -1"):
         sae.SparseAutoencoder(8, 32, k=4, k_aux=-1)
     with pytest.raises(ValueError, match="auxk_alpha must be a finite number"):
         sae.SparseAutoencoder(8, 32, k=4, auxk_alpha=float("nan"))

@@ -47,8 +47,7 @@ def check_int(value, name: str, low: int, high: int | None = None) -> int:
     """An int (bool is not one) in [low, high] (or >= low) that fits in int64."""
     check_int64(value, name)
     if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else '2**63 - 1'}], got {value}")
     return value
 
 

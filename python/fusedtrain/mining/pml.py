@@ -54,9 +54,17 @@ def _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     device (as PML), and the reference set is resolved. Returns (labels, ref_emb, ref_labels)."""
     if labels is None and indices_tuple is None:
         raise ValueError("labels and indices_tuple cannot both be None")
-    if isinstance(labels, torch.Tensor):
-        labels = labels.to(embeddings.device)
+    labels = _labels_to(labels, embeddings)
     return (labels,) + _reference_set(embeddings, labels, ref_emb, ref_labels)
+
+
+def _labels_to(labels, embeddings):
+    """PML moves the labels to the embeddings' device; meta tensors hold no values to move."""
+    if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
+        if labels.is_meta != embeddings.is_meta:
+            raise ValueError(f"labels is on {labels.device} but embeddings is on {embeddings.device}")
+        labels = labels.to(embeddings.device)
+    return labels
 
 
 def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
@@ -66,8 +74,7 @@ def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
 class _Miner(torch.nn.Module):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
-        if isinstance(labels, torch.Tensor):
-            labels = labels.to(embeddings.device)
+        labels = _labels_to(labels, embeddings)
         return self.mine(embeddings, labels, ref_emb, ref_labels)
 
 
@@ -160,6 +167,9 @@ def _checked_pairs(indices_tuple, B: int, M: int, device):
     [0, M), a1/p and a2/n of one length. Out-of-range or negative indices would otherwise pick
     other rows (negative ones wrap) or, once pairs are encoded as a·M + p, other pairs. Reads the
     values (a host sync on CUDA, as the pair-list path's torch.unique does anyway)."""
+    if device.type == "meta":
+        raise ValueError("embeddings is on meta: a loss over an indices_tuple reads the pair indices and "
+                         "similarities (values meta tensors do not have)")
     pairs = _convert_to_pairs(indices_tuple)
     # Each of (a1, p, a2, n) as the user named it: a 3-tuple's anchors serve both sides.
     names = [f"indices_tuple[{i}] ({n})" for i, n in
@@ -170,6 +180,9 @@ def _checked_pairs(indices_tuple, B: int, M: int, device):
                 and t.dtype != torch.bool):
             got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a 1-D integer tensor, got {got}")
+        if t.is_meta:
+            raise ValueError(f"{name} is on meta: the pair-list path reads the indices (pass no indices_tuple "
+                             "for the fused op)")
     pairs = tuple(t.to(device=device, dtype=torch.long) for t in pairs)
     for i in (0, 2):
         if pairs[i].shape != pairs[i + 1].shape:
@@ -385,7 +398,7 @@ class CrossBatchMemory(torch.nn.Module):
         elif len(embeddings) > self.memory_size:
             raise ValueError(f"a batch of {len(embeddings)} does not fit a memory of {self.memory_size}")
         device = embeddings.device
-        labels = labels.to(device)
+        labels = _labels_to(labels, embeddings)
         self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
         self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
         if enqueue_mask is not None:

@@ -47,10 +47,10 @@ def check_theta(theta, pre: torch.Tensor) -> torch.Tensor:
 def check_encoder(x, W_enc, b_enc, b_dec) -> None:
     check_float_tensor(x, "x", 2)
     check_float_tensor(W_enc, "W_enc", 2)
-    d = W_enc.shape[0]
-    if x.shape[1] != d:  # the input is what is usually wrong: name it
-        raise ValueError(f"x must have shape (B, {d}) for W_enc of shape {tuple(W_enc.shape)} (d, F), got "
-                         f"{tuple(x.shape)}")
+    d = x.shape[1]
+    if W_enc.shape[0] != d:
+        raise ValueError(f"W_enc must have shape (d, F) with d = {d} the width of x (x has shape "
+                         f"{tuple(x.shape)}), got {tuple(W_enc.shape)}")
     F = W_enc.shape[1]
     for name, t, n in (("b_enc", b_enc, F), ("b_dec", b_dec, d)):
         check_float_tensor(t, name, 1)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._core.checks import check_finite, check_int
+from .._core.checks import check_finite, check_float_tensor, check_int
 from .checks import ROUTINGS, check_encoder, routing_param
 from .codec import encode_with_cutoff, sparse_decode
 from .types import SparseActs
@@ -138,6 +138,9 @@ class SparseAutoencoder(nn.Module):
         return self._encode_with_cutoff(x)[0]
 
     def _encode_with_cutoff(self, x: torch.Tensor):
+        check_float_tensor(x, "x", 2)
+        if x.shape[1] != self.d_in:  # the weights are this module's: the input is what is wrong
+            raise ValueError(f"x must have shape (B, d_in) = (B, {self.d_in}), got {tuple(x.shape)}")
         check_encoder(x, self.W_enc, self.b_enc, self.b_dec)
         if self._uses_threshold():
             return encode_with_cutoff(x, self.W_enc, self.b_enc, self.b_dec, "threshold", 0, self.threshold)[0], None
