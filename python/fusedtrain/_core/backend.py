@@ -45,11 +45,16 @@ def _query_backends(op: str) -> list[str]:
 # op -> dispatch keys with a kernel. Filled by `add_op` when a family declares its ops (at import,
 # before any tracing), so that torch.compile sees `use_kernel` as a plain dict lookup.
 _BACKENDS: dict[str, list[str]] = {}
+# Ops whose fake (meta) kernel is registered: on meta tensors they answer with shapes, no data.
+_FAKE: set[str] = set()
 
 
-def add_op(op: str) -> None:
-    """Record which backends serve `fusedtrain::<op>` (called by `_core.registry.register_op`)."""
+def add_op(op: str, *, fake: bool = False) -> None:
+    """Record which backends serve `fusedtrain::<op>` and whether it has a fake kernel (called by
+    `_core.registry.register_op`)."""
     _BACKENDS[op] = _query_backends(op)
+    if fake:
+        _FAKE.add(op)
 
 
 def ops() -> list[str]:
@@ -71,7 +76,12 @@ def backends_for(op: str) -> list[str]:
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
-    """Whether `op` on `device` runs a compiled kernel; warns once per (op, device) when it cannot."""
+    """Whether `op` on `device` runs a compiled kernel; warns once per (op, device) when it cannot.
+
+    Meta tensors go to the op too, whose fake kernel checks the arguments as the real kernels do and
+    answers with shapes (the references read values, which meta tensors do not have)."""
+    if device.type == "meta" and op in _FAKE:
+        return True
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     if key is not None and key in backends_for(op):
         return True

@@ -30,13 +30,24 @@ def check_finite(name: str, value) -> float:
     return float(value)
 
 
-def check_int(value, name: str, low: int, high: int | None = None) -> int:
-    """An int (bool is not one) in [low, high] (or >= low)."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(value, name: str) -> int:
+    """An int (bool is not one) that fits in int64, as every op's int arguments must: a larger
+    Python int would otherwise fail inside pybind/torch with a message that names no argument."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63 - 1]), got {value}")
+    return value
+
+
+def check_int(value, name: str, low: int, high: int | None = None) -> int:
+    """An int (bool is not one) in [low, high] (or >= low) that fits in int64."""
+    check_int64(value, name)
     if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else '2**63 - 1'}], got {value}")
     return value
 
 

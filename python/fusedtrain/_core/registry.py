@@ -3,7 +3,10 @@
 `register_op("name", fake=..., backward=..., setup_context=...)` is called once per op at import of
 the family's `registration.py`. It records which backends serve the op (the table `backend.use_kernel`
 reads) and, when `_C` defines the op, registers its fake (meta) kernel for torch.compile / opcheck and
-its autograd formula. The backward is wrapped so that `create_graph=True` raises instead of returning
+its autograd formula. The fake kernel is what answers for meta tensors, and for any mix of devices that
+includes meta (the dispatcher picks it over the CPU kernel): so before it runs, every tensor argument
+is checked to be on one device, as the compiled ops check; each family's fake kernel checks the rest
+(kinds, shapes, dtypes) with the family's checks of the raw op. The backward is wrapped so that `create_graph=True` raises instead of returning
 a gradient without a graph of its own, which would make every second-order term silently zero.
 """
 from __future__ import annotations
@@ -43,6 +46,38 @@ def refuse_double_backward(name: str, reference: str, backward: Callable) -> Cal
     return wrapped
 
 
+def _argument_names(name: str) -> list[str]:
+    return [a.name for a in getattr(getattr(torch.ops, NAMESPACE), name).default._schema.arguments]
+
+
+def check_one_device(name: str, arg_names: list[str], args, kwargs) -> None:
+    """Every tensor argument of `fusedtrain::<name>` (tensors in lists included) on one device; the
+    error names the first argument off that device and the first argument, as the compiled ops do."""
+    first = None
+    for arg, value in list(zip(arg_names, args)) + list(kwargs.items()):
+        items = ([(f"{arg}[{i}]", t) for i, t in enumerate(value)] if isinstance(value, (list, tuple))
+                 else [(arg, value)])
+        for label, t in items:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if first is None:
+                first = (label, t.device)
+            elif t.device != first[1]:
+                raise ValueError(f"{label} is on {t.device} but {first[0]} is on {first[1]} "
+                                 f"(fusedtrain.{name} needs every tensor on one device)")
+
+
+def checked_fake(name: str, fake: Callable) -> Callable:
+    """`fake`, after the one-device check of its tensor arguments."""
+    arg_names = _argument_names(name)
+
+    @functools.wraps(fake)
+    def wrapped(*args, **kwargs):
+        check_one_device(name, arg_names, args, kwargs)
+        return fake(*args, **kwargs)
+    return wrapped
+
+
 def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
                 setup_context: Callable | None = None, api: str | None = None,
                 reference: str = "fusedtrain.reference") -> None:
@@ -51,11 +86,12 @@ def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
     api: the public function(s) that run the op, named in errors (default `fusedtrain.<name>`);
     reference: what to use instead for double backward.
     """
-    backend.add_op(name)
     if not op_defined(name):
+        backend.add_op(name)
         return
     qualified = f"{NAMESPACE}::{name}"
-    torch.library.register_fake(qualified)(fake)
+    torch.library.register_fake(qualified)(checked_fake(name, fake))
+    backend.add_op(name, fake=True)
     if backward is not None:
         guarded = refuse_double_backward(api or f"fusedtrain.{name}", reference, backward)
         torch.library.register_autograd(qualified, guarded, setup_context=setup_context)

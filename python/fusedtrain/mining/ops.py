@@ -18,7 +18,7 @@ import torch
 
 from .._core import backend
 from . import reference as _reference
-from .checks import check_finite, check_labels, ms_hyperparameters, operands
+from .checks import check_finite, check_labels, ms_hyperparameters, operands, tcm_hyperparameters
 
 
 def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
@@ -115,8 +115,7 @@ def tcm_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_plus: 
     λ⁺·mean_{s∈S⁺, s<=m⁺}(m⁺ − s) + λ⁻·mean_{s∈S⁻, s>=m⁻}(s − m⁻) over all pairs. Unlike PML 2.9.0,
     `ref_emb` is honoured."""
     embeddings, labels, ref_emb, ref_labels = operands(embeddings, labels, ref_emb, ref_labels)
-    hyper = [check_finite(n, v) for n, v in (("lambda_plus", lambda_plus), ("lambda_minus", lambda_minus),
-                                              ("margin_plus", margin_plus), ("margin_minus", margin_minus))]
+    hyper = tcm_hyperparameters(lambda_plus, lambda_minus, margin_plus, margin_minus)
     if not backend.use_kernel("tcm_loss", embeddings.device):
         return _reference.tcm_loss(embeddings, labels, ref_emb, ref_labels, lambda_plus=hyper[0],
                                    lambda_minus=hyper[1], margin_plus=hyper[2], margin_minus=hyper[3])

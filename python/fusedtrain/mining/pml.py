@@ -54,9 +54,17 @@ def _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     device (as PML), and the reference set is resolved. Returns (labels, ref_emb, ref_labels)."""
     if labels is None and indices_tuple is None:
         raise ValueError("labels and indices_tuple cannot both be None")
-    if isinstance(labels, torch.Tensor):
-        labels = labels.to(embeddings.device)
+    labels = _labels_to(labels, embeddings)
     return (labels,) + _reference_set(embeddings, labels, ref_emb, ref_labels)
+
+
+def _labels_to(labels, embeddings):
+    """PML moves the labels to the embeddings' device; meta tensors hold no values to move."""
+    if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
+        if labels.is_meta != embeddings.is_meta:
+            raise ValueError(f"labels is on {labels.device} but embeddings is on {embeddings.device}")
+        labels = labels.to(embeddings.device)
+    return labels
 
 
 def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
@@ -66,8 +74,7 @@ def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
 class _Miner(torch.nn.Module):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
-        if isinstance(labels, torch.Tensor):
-            labels = labels.to(embeddings.device)
+        labels = _labels_to(labels, embeddings)
         return self.mine(embeddings, labels, ref_emb, ref_labels)
 
 
@@ -153,6 +160,38 @@ def _convert_to_pairs(indices_tuple):
         a, p, n = indices_tuple
         return a, p, a, n
     raise ValueError(f"indices_tuple must have 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {len(indices_tuple)}")
+
+
+def _checked_pairs(indices_tuple, B: int, M: int, device):
+    """`(a1, p, a2, n)` as int64 on `device`: 1-D integer tensors, anchors in [0, B), the others in
+    [0, M), a1/p and a2/n of one length. Out-of-range or negative indices would otherwise pick
+    other rows (negative ones wrap) or, once pairs are encoded as a·M + p, other pairs. Reads the
+    values (a host sync on CUDA, as the pair-list path's torch.unique does anyway)."""
+    if device.type == "meta":
+        raise ValueError("embeddings is on meta: a loss over an indices_tuple reads the pair indices and "
+                         "similarities (values meta tensors do not have)")
+    pairs = _convert_to_pairs(indices_tuple)
+    # Each of (a1, p, a2, n) as the user named it: a 3-tuple's anchors serve both sides.
+    names = [f"indices_tuple[{i}] ({n})" for i, n in
+             (((0, "a"), (1, "p"), (0, "a"), (2, "n")) if len(indices_tuple) == 3
+              else ((0, "a1"), (1, "p"), (2, "a2"), (3, "n")))]
+    for name, t in zip(names, pairs):
+        if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()
+                and t.dtype != torch.bool):
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 1-D integer tensor, got {got}")
+        if t.is_meta:
+            raise ValueError(f"{name} is on meta: the pair-list path reads the indices (pass no indices_tuple "
+                             "for the fused op)")
+    pairs = tuple(t.to(device=device, dtype=torch.long) for t in pairs)
+    for i in (0, 2):
+        if pairs[i].shape != pairs[i + 1].shape:
+            raise ValueError(f"{names[i]} and {names[i + 1]} must have one length, got {pairs[i].shape[0]} "
+                             f"and {pairs[i + 1].shape[0]}")
+    for name, t, limit in zip(names, pairs, (B, M, B, M)):
+        if t.numel() and bool(((t < 0) | (t >= limit)).any()):
+            raise ValueError(f"{name} holds indices outside [0, {limit})")
+    return pairs
 
 
 class _PairCosine(torch.autograd.Function):
@@ -262,14 +301,13 @@ class MultiSimilarityLoss(torch.nn.Module):
 
     def from_pairs(self, embeddings, indices_tuple, ref_emb):
         """The loss over given pairs (PML's mat-based path, computed from the pair lists)."""
-        a1, p, a2, n = _convert_to_pairs(indices_tuple)
-        if all(len(x) <= 1 for x in (a1, p, a2, n)):
-            return _zero_loss(embeddings)
         B = embeddings.shape[0]
         M = B if ref_emb is None else ref_emb.shape[0]
-        dev = embeddings.device
-        a1, p = _unique_pairs(a1.to(dev).long(), p.to(dev).long(), M)
-        a2, n = _unique_pairs(a2.to(dev).long(), n.to(dev).long(), M)
+        a1, p, a2, n = _checked_pairs(indices_tuple, B, M, embeddings.device)
+        if all(len(x) <= 1 for x in (a1, p, a2, n)):
+            return _zero_loss(embeddings)
+        a1, p = _unique_pairs(a1, p, M)
+        a2, n = _unique_pairs(a2, n, M)
         s_pos = _pair_similarities(embeddings, ref_emb, a1, p)
         s_neg = _pair_similarities(embeddings, ref_emb, a2, n)
         pos = _log1p_sum_exp_by_anchor(-self.alpha * (s_pos - self.base), a1, B) / self.alpha
@@ -296,7 +334,8 @@ class ThresholdConsistentMarginLoss(torch.nn.Module):
             return _ops.tcm_loss(embeddings, labels, ref_emb, ref_labels, lambda_plus=self.lambda_plus,
                                  lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
                                  margin_minus=self.margin_minus)
-        ap, p, an, n = _convert_to_pairs(indices_tuple)
+        B = embeddings.shape[0]
+        ap, p, an, n = _checked_pairs(indices_tuple, B, B if ref_emb is None else ref_emb.shape[0], embeddings.device)
         pos = _pair_similarities(embeddings, ref_emb, ap, p)
         neg = _pair_similarities(embeddings, ref_emb, an, n)
         act_pos, act_neg = pos <= self.margin_plus, neg >= self.margin_minus
@@ -345,13 +384,21 @@ class CrossBatchMemory(torch.nn.Module):
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must have shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels must have shape ({embeddings.shape[0]},) to match embeddings, got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         if enqueue_mask is not None:
-            if len(enqueue_mask) != len(embeddings):
-                raise ValueError(f"enqueue_mask must have {len(embeddings)} entries, got {len(enqueue_mask)}")
+            # A bool mask, not row indices: an int tensor would index rows (and ~ flip its bits).
+            if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+                raise TypeError(f"enqueue_mask must be a bool tensor (True: enqueue that row), got "
+                                f"{enqueue_mask.dtype if isinstance(enqueue_mask, torch.Tensor) else type(enqueue_mask).__name__}")
+            if tuple(enqueue_mask.shape) != (len(embeddings),):
+                raise ValueError(f"enqueue_mask must have shape ({len(embeddings)},), got {tuple(enqueue_mask.shape)}")
+            enqueue_mask = enqueue_mask.to(embeddings.device)
         elif len(embeddings) > self.memory_size:
             raise ValueError(f"a batch of {len(embeddings)} does not fit a memory of {self.memory_size}")
         device = embeddings.device
-        labels = labels.to(device)
+        labels = _labels_to(labels, embeddings)
         self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
         self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
         if enqueue_mask is not None:

@@ -4,33 +4,66 @@ from __future__ import annotations
 
 import torch
 
+from .._core.checks import check_finite
 from .._core.dtypes import accumulate_dtype
 from .._core.registry import register_op
+from .checks import (check_raw_backward, check_raw_operands, check_rule, ms_hyperparameters,
+                     tcm_hyperparameters)
 from .stats import STAT_COUNT
 
+# The fake kernels check what the C++ ops check (csrc/mining/mining.cpp), so that meta tensors raise
+# the errors the real kernels raise; `register_op` has checked that every tensor is on one device.
 
-def _fake_loss(embeddings, labels, ref_emb, ref_labels, *_):
+
+def _outputs(embeddings):
     return embeddings.new_empty(()), embeddings.new_empty((embeddings.shape[0], STAT_COUNT),
                                                           dtype=accumulate_dtype(embeddings.dtype))
 
 
+def _fake_tcm_loss(embeddings, labels, ref_emb, ref_labels, *hyper):
+    tcm_hyperparameters(*hyper)
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels)
+    return _outputs(embeddings)
+
+
 def _fake_ms_loss(embeddings, labels, ref_emb, ref_labels, self_index, alpha, beta, base, epsilon, mine,
                   compute_grad, ref_grad):
-    loss, stats = _fake_loss(embeddings, labels, ref_emb, ref_labels)
+    ms_hyperparameters(alpha, beta, base, epsilon)
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels, self_index)
+    loss, stats = _outputs(embeddings)
     grad_x = embeddings.new_empty(embeddings.shape if compute_grad else (0,))
     grad_r = (ref_emb.new_empty(ref_emb.shape) if compute_grad and ref_grad and ref_emb is not None
               else embeddings.new_empty((0,)))
     return loss, stats, grad_x, grad_r
 
 
-def _fake_backward(grad_loss, embeddings, labels, ref_emb, ref_labels, *rest):
-    ref_grad = rest[-1]
+def _backward_outputs(embeddings, ref_emb, ref_grad):
     grad_ref = (ref_emb.new_empty(ref_emb.shape) if ref_grad and ref_emb is not None
                 else embeddings.new_empty((0,)))
     return embeddings.new_empty(embeddings.shape), grad_ref
 
 
+def _fake_ms_backward(grad_loss, embeddings, labels, ref_emb, ref_labels, self_index, row_stats, alpha, beta,
+                      base, epsilon, mine, ref_grad):
+    ms_hyperparameters(alpha, beta, base, epsilon)
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels, self_index)
+    check_raw_backward(grad_loss, embeddings, row_stats, accumulate_dtype(embeddings.dtype))
+    return _backward_outputs(embeddings, ref_emb, ref_grad)
+
+
+def _fake_tcm_backward(grad_loss, embeddings, labels, ref_emb, ref_labels, row_stats, *rest):
+    *hyper, ref_grad = rest
+    tcm_hyperparameters(*hyper)
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels)
+    check_raw_backward(grad_loss, embeddings, row_stats, accumulate_dtype(embeddings.dtype))
+    return _backward_outputs(embeddings, ref_emb, ref_grad)
+
+
 def _fake_mine(embeddings, labels, ref_emb, ref_labels, rule, epsilon, pos_margin, neg_margin):
+    for name, value in (("epsilon", epsilon), ("pos_margin", pos_margin), ("neg_margin", neg_margin)):
+        check_finite(name, value)
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels)
+    check_rule(rule)
     ctx = torch.library.get_ctx()
     n_pos, n_neg = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     new = lambda n: labels.new_empty((n,), dtype=torch.long)  # noqa: E731
@@ -38,6 +71,7 @@ def _fake_mine(embeddings, labels, ref_emb, ref_labels, rule, epsilon, pos_margi
 
 
 def _fake_batch_hard(embeddings, labels, ref_emb, ref_labels):
+    check_raw_operands(embeddings, labels, ref_emb, ref_labels)
     n = torch.library.get_ctx().new_dynamic_size()
     return tuple(labels.new_empty((n,), dtype=torch.long) for _ in range(3))
 
@@ -88,9 +122,9 @@ def _backward_tcm(ctx, grad_loss, _grad_stats):
 
 register_op("multi_similarity_loss", fake=_fake_ms_loss, backward=_backward_ms, setup_context=_setup_ms,
             reference="fusedtrain.reference.mining.multi_similarity_loss")
-register_op("_multi_similarity_loss_backward", fake=_fake_backward)
-register_op("tcm_loss", fake=_fake_loss, backward=_backward_tcm, setup_context=_setup_tcm,
+register_op("_multi_similarity_loss_backward", fake=_fake_ms_backward)
+register_op("tcm_loss", fake=_fake_tcm_loss, backward=_backward_tcm, setup_context=_setup_tcm,
             reference="fusedtrain.reference.mining.tcm_loss")
-register_op("_tcm_loss_backward", fake=_fake_backward)
+register_op("_tcm_loss_backward", fake=_fake_tcm_backward)
 register_op("mine_pairs", fake=_fake_mine)
 register_op("batch_hard_mine", fake=_fake_batch_hard)

@@ -8,59 +8,12 @@ from collections import defaultdict
 import torch
 
 from .._core.dtypes import accumulate_dtype
-from .subspace import (BLOCK_ORDERS, COLUMNS, DENSE, FREE, FREE_UPDATES, PROJECTIONS, RESIDUAL, ROWS,
+from .options import check_group, check_options
+from .state import check_state_dict
+from .subspace import (COLUMNS, DENSE, FREE, RESIDUAL, ROWS,
                        block_selection, matrix_shape, random_basis, select_indices, subspace_size, svd_basis)
 
-__all__ = ["FRUGALBase", "check_group"]
-
-
-def _check_number(name, value, group_id, low=None, high=None, *, low_open=False, high_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        span = f" in {lo}{low}, {high}{hi}" if high is not None else f" >= {low}" if low is not None else ""
-        raise ValueError(f"{name} must be a finite number{span}, got {value!r} (param group {group_id})")
-
-
-def check_group(group: dict, group_id: int) -> None:
-    """Validate one param group's hyperparameters; the error names the bad one."""
-    _check_number("lr", group["lr"], group_id, 0.0)
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r} (param group {group_id})")
-    for name, beta in zip(("betas[0]", "betas[1]"), betas):
-        _check_number(name, beta, group_id, 0.0, 1.0, high_open=True)
-    _check_number("eps", group["eps"], group_id, 0.0)
-    _check_number("weight_decay", group["weight_decay"], group_id, 0.0)
-    _check_number("density", group["density"], group_id, 0.0, 1.0)
-    _check_number("free_lr_scale", group["free_lr_scale"], group_id, 0.0)
-    if group["proj"] is not None and group["proj"] not in PROJECTIONS:
-        raise ValueError(f"proj must be one of {PROJECTIONS} or None (plain AdamW), got {group['proj']!r} "
-                         f"(param group {group_id})")
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"update_gap must be an int >= 1, got {gap!r} (param group {group_id})")
-    if not isinstance(group["reset_state"], bool):
-        raise ValueError(f"reset_state must be a bool, got {group['reset_state']!r} (param group {group_id})")
-    if group["free_update"] not in FREE_UPDATES:
-        raise ValueError(f"free_update must be one of {FREE_UPDATES}, got {group['free_update']!r} "
-                         f"(param group {group_id})")
-    if group["block_order"] not in BLOCK_ORDERS:
-        raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r} "
-                         f"(param group {group_id})")
-    for p in group["params"]:
-        if p.is_complex():
-            raise ValueError(f"FRUGAL does not support complex parameters (a {p.dtype} tensor of shape "
-                             f"{tuple(p.shape)} in param group {group_id}); view it as real with "
-                             "torch.view_as_real first")
-        if not p.is_floating_point():
-            raise ValueError(f"FRUGAL optimizes floating-point parameters, got {p.dtype} "
-                             f"(param group {group_id})")
+__all__ = ["FRUGALBase", "check_group", "check_options"]
 
 
 class FRUGALBase(torch.optim.Optimizer):
@@ -74,7 +27,10 @@ class FRUGALBase(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, density: float = 0.25, proj: str | None = "columns",
                  update_gap: int = 200, reset_state: bool = True, free_update: str = "signsgd",
-                 free_lr_scale: float = 1.0, seed: int | None = None, block_order: str = "random"):
+                 free_lr_scale: float = 1.0, seed: int | None = None, block_order: str = "random",
+                 **unexpected):
+        if unexpected:  # else Python's TypeError would name this internal class
+            raise TypeError(f"FRUGAL got unexpected keyword arguments {sorted(unexpected)}")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, density=density, proj=proj, update_gap=update_gap,
                         reset_state=reset_state, free_update=free_update, free_lr_scale=free_lr_scale,
@@ -83,6 +39,8 @@ class FRUGALBase(torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
         # One CPU generator draws every subspace (any device), so CPU and CUDA runs choose alike.
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
@@ -105,6 +63,8 @@ class FRUGALBase(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # Checked before anything is loaded: a bad state dict leaves the optimizer as it was.
+        check_state_dict(state_dict, self.param_groups)
         state_dict = dict(state_dict)
         generator = state_dict.pop("frugal_generator", None)
         # torch casts every state tensor of a floating param to the param's dtype: the int32
@@ -129,7 +89,8 @@ class FRUGALBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_id, group in enumerate(self.param_groups):
+            check_options(group, group_id)  # a group dict may have been edited since the last step
             self._step_group(group)
         return loss
 
@@ -137,10 +98,12 @@ class FRUGALBase(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"FRUGAL does not support sparse gradients (param of shape "
-                                   f"{tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))")
+            if p.grad.layout != torch.strided:  # COO, CSR, CSC, BSR, BSC
+                raise RuntimeError(f"FRUGAL does not support sparse gradients (a {p.grad.layout} gradient of a "
+                                   f"param of shape {tuple(p.shape)}); use dense gradients (e.g. "
+                                   "nn.Embedding(sparse=False))")
         if group["proj"] == "block" and group["block_step"] % group["update_gap"] == 0:
             self._refresh_blocks(group)
         group["block_step"] += 1

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._core.checks import check_int
+from .._core.checks import check_finite, check_float_tensor, check_int
 from .checks import ROUTINGS, check_encoder, routing_param
 from .codec import encode_with_cutoff, sparse_decode
 from .types import SparseActs
@@ -50,7 +50,14 @@ class SparseAutoencoder(nn.Module):
         check_int(k, "k", 1, num_latents if routing == "topk" else None)
         if m is not None:
             check_int(m, "m", 0)
-        if not 0.0 <= threshold_decay < 1.0:
+        if k_aux is not None:
+            check_int(k_aux, "k_aux", 0)
+        if isinstance(dead_tokens_threshold, int):
+            check_int(dead_tokens_threshold, "dead_tokens_threshold", 0)
+        else:
+            check_finite("dead_tokens_threshold", dead_tokens_threshold)
+        auxk_alpha = check_finite("auxk_alpha", auxk_alpha)
+        if not 0.0 <= check_finite("threshold_decay", threshold_decay) < 1.0:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
         self.d_in, self.num_latents, self.routing, self.k, self.m = d_in, num_latents, routing, k, m
         self.k_aux = k_aux if k_aux is not None else d_in // 2
@@ -72,19 +79,35 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def from_saelens_state_dict(cls, state_dict: dict, routing: str = "topk", k: int = 32, **kw):
         """From SAELens names: W_enc (d, F), W_dec (F, d), b_enc (F,), b_dec (d,)."""
-        d, F = state_dict["W_enc"].shape
-        sae = cls(d, F, routing, k, device=state_dict["W_enc"].device, dtype=state_dict["W_enc"].dtype, **kw)
+        missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict lacks {missing} (SAELens names: W_enc (d, F), b_enc (F,), W_dec (F, d), "
+                           "b_dec (d,))")
+        W_enc = state_dict["W_enc"]
+        if not isinstance(W_enc, torch.Tensor) or W_enc.dim() != 2:
+            raise ValueError(f"state_dict['W_enc'] must be a (d, F) tensor, got "
+                             f"{tuple(W_enc.shape) if isinstance(W_enc, torch.Tensor) else type(W_enc).__name__}")
+        d, F = W_enc.shape
+        sae = cls(d, F, routing, k, device=W_enc.device, dtype=W_enc.dtype, **kw)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, name).copy_(state_dict[name])
-            for name in ("num_tokens_since_fired", "threshold", "threshold_steps"):
-                if name in state_dict:
-                    getattr(sae, name).copy_(state_dict[name])
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "num_tokens_since_fired", "threshold", "threshold_steps"):
+                if name not in state_dict:
+                    continue  # the buffers are optional
+                target, value = getattr(sae, name), state_dict[name]
+                if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"state_dict[{name!r}] must have shape {tuple(target.shape)} (d = {d}, F = {F} "
+                                     f"from W_enc), got {got}")
+                target.copy_(value)
         return sae
 
     @classmethod
     def from_sparsify_state_dict(cls, state_dict: dict, routing: str = "topk", k: int = 32, **kw):
         """From sparsify's `SparseCoder` names: encoder.weight (F, d), encoder.bias (F,), W_dec (F, d), b_dec (d,)."""
+        missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict lacks {missing} (sparsify names: encoder.weight (F, d), encoder.bias (F,), "
+                           "W_dec (F, d), b_dec (d,))")
         weight = state_dict["encoder.weight"]
         return cls.from_saelens_state_dict({"W_enc": weight.t(), "b_enc": state_dict["encoder.bias"],
                                             "W_dec": state_dict["W_dec"], "b_dec": state_dict["b_dec"]},
@@ -115,9 +138,12 @@ class SparseAutoencoder(nn.Module):
         return self._encode_with_cutoff(x)[0]
 
     def _encode_with_cutoff(self, x: torch.Tensor):
+        check_float_tensor(x, "x", 2)
+        if x.shape[1] != self.d_in:  # the weights are this module's: the input is what is wrong
+            raise ValueError(f"x must have shape (B, d_in) = (B, {self.d_in}), got {tuple(x.shape)}")
+        check_encoder(x, self.W_enc, self.b_enc, self.b_dec)
         if self._uses_threshold():
             return encode_with_cutoff(x, self.W_enc, self.b_enc, self.b_dec, "threshold", 0, self.threshold)[0], None
-        check_encoder(x, self.W_enc, self.b_enc, self.b_dec)
         param = routing_param(self.routing, self.k, self.m, None, x.shape[0], self.num_latents)
         return encode_with_cutoff(x, self.W_enc, self.b_enc, self.b_dec, self.routing, param)
 

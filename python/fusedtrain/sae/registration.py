@@ -11,8 +11,13 @@ import torch
 from .._core.dtypes import accumulate_dtype
 from .._core.registry import register_op
 from . import reference as _reference
+from .checks import (check_encoder, check_raw_csc, check_raw_gather, check_raw_route, check_raw_sampled_dot,
+                     check_raw_segment_sum)
 
 _ops = torch.ops.fusedtrain
+
+# The fake kernels check what the C++ ops check (csrc/sae/sae.cpp), so that meta tensors raise the
+# errors the real kernels raise; `register_op` has checked that every tensor is on one device.
 
 
 def _fake_csr(pre_like: torch.Tensor, B: int, F: int, routing: str):
@@ -23,31 +28,39 @@ def _fake_csr(pre_like: torch.Tensor, B: int, F: int, routing: str):
 
 
 def _fake_route(pre, routing, k, theta):
+    check_raw_route(pre, routing, k, theta)
     return _fake_csr(pre, pre.shape[0], pre.shape[1], routing)
 
 
 def _fake_encode(x, W_enc, b_enc, b_dec, routing, k, theta):
+    check_encoder(x, W_enc, b_enc, b_dec)
+    check_raw_route(x.new_empty(0, W_enc.shape[1]), routing, k, theta)
     return _fake_csr(x, x.shape[0], W_enc.shape[1], routing)
 
 
 def _fake_topk_select(pre, k):
+    check_raw_route(pre, "topk", k, None)
     return pre.new_empty(pre.shape[0], k), pre.new_empty(pre.shape[0], k, dtype=torch.int64)
 
 
 def _fake_gather_rows(row_ptr, feature, value, table, bias):
+    check_raw_gather(row_ptr, feature, value, table, bias)
     return table.new_empty(row_ptr.shape[0] - 1, table.shape[1])
 
 
 def _fake_sampled_dot(row_ptr, feature, grad, table):
+    check_raw_sampled_dot(row_ptr, feature, grad, table)
     return grad.new_empty(feature.shape[0])
 
 
 def _fake_csc(row_ptr, feature, num_cols):
+    check_raw_csc(row_ptr, feature, num_cols)
     return (feature.new_empty(num_cols + 1), feature.new_empty(feature.shape[0]),
             feature.new_empty(feature.shape[0]))
 
 
 def _fake_segment_sum(col_ptr, perm, token, coef, src):
+    check_raw_segment_sum(col_ptr, perm, token, coef, src)
     F = col_ptr.shape[0] - 1
     return src.new_empty(F, src.shape[1]), coef.new_empty(F)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.checks import check_finite, check_float_tensor, check_tensor
+from .._core.checks import check_finite, check_float_tensor, check_int64, check_tensor
 from .reference import KINDS, REDUCTIONS
 
 # Z-loss: small a and large b train best (measured table in docs/spherical.md).
@@ -25,14 +25,13 @@ def check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction) -> 
     check_kind_and_reduction(kind, reduction)
     for name, value in (("a", a), ("b", b), ("eps", eps), ("var_eps", var_eps)):
         check_finite(name, value)
+    check_int64(ignore_index, "ignore_index")
     if kind == "z" and a <= 0:
         raise ValueError(f"a must be > 0 for the Z-loss, got {a}")
     if kind == "z" and var_eps < 0:
         raise ValueError(f"var_eps must be >= 0, got {var_eps}")
     if kind == "spherical" and eps <= 0:
         raise ValueError(f"eps must be > 0 for the log-spherical softmax, got {eps}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
 def check_target_dtype(target: torch.Tensor) -> None:
@@ -87,3 +86,38 @@ def check_linear_arguments(input, linear_weight, target, linear_bias) -> None:
     for name, t in (("input", input), ("target", target), ("linear_bias", linear_bias)):
         if t is not None and t.device != linear_weight.device:
             raise ValueError(f"{name} is on {t.device} but linear_weight is on {linear_weight.device}")
+
+
+# -- the raw ops' checks (what csrc/spherical/*.cpp checks), for the fake kernels ------------------
+
+def check_raw_logits(logits, target) -> None:
+    """`torch.ops.fusedtrain.spherical_loss` / its backward: 2-D logits, (N,) int64 target."""
+    check_float_tensor(logits, "logits", 2)
+    check_target_dtype(target)
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one class (D >= 1), got shape {tuple(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"target must have shape ({logits.shape[0]},) for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+
+
+def check_grad_loss(grad_loss, n: int) -> None:
+    """The upstream gradient of a loss over n rows: a scalar, or (n,) for reduction='none'."""
+    if not (grad_loss.numel() == 1 or (grad_loss.dim() == 1 and grad_loss.shape[0] == n)):
+        raise ValueError(f"grad_loss must be a scalar or have shape ({n},), got {tuple(grad_loss.shape)}")
+
+
+def check_saved(t, name: str, shape: tuple, dtype: torch.dtype) -> None:
+    """A tensor the forward saved for backward (coefficients, statistics): its shape and dtype."""
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} (the accumulate type), got {t.dtype}")
+
+
+def check_raw_linear(input, linear_weight, linear_bias, target) -> None:
+    """`torch.ops.fusedtrain.linear_spherical_loss` and its backward: input 2-D (N, d)."""
+    check_linear_arguments(input, linear_weight, target, linear_bias)
+    if input.dim() != 2:
+        raise ValueError(f"input must be 2-D (N, d), got shape {tuple(input.shape)}")

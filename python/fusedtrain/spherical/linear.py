@@ -21,7 +21,7 @@ from .._core import backend
 from .._core.dtypes import accumulate_dtype
 from . import linear_reference as _reference
 from .checks import (DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters,
-                     check_linear_arguments)
+                     check_linear_arguments, check_saved)
 
 __all__ = ["LinearStats", "TopK", "linear_spherical_stats", "linear_spherical_loss", "linear_topk"]
 
@@ -44,6 +44,20 @@ def linear_spherical_stats(linear_weight: torch.Tensor, linear_bias: torch.Tenso
         return LinearStats(centered.t() @ centered, w.sum(0))
     bias = None if linear_bias is None else linear_bias.detach()
     return LinearStats(*torch.ops.fusedtrain._linear_spherical_gram(linear_weight.detach(), bias))
+
+
+def check_stats(stats, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None) -> None:
+    """`stats=` must look like this weight's `linear_spherical_stats`: a (gram, colsum) pair of the
+    accumulate dtype, of the augmented width d' = d (+ 1 with a bias), on the weight's device."""
+    if not (isinstance(stats, tuple) and len(stats) == 2):
+        raise TypeError(f"stats must be linear_spherical_stats(linear_weight, linear_bias) (a (gram, colsum) "
+                        f"pair), got {type(stats).__name__}")
+    dp = linear_weight.shape[1] + (linear_bias is not None)
+    acc = accumulate_dtype(linear_weight.dtype)
+    for name, t, shape in (("stats.gram", stats[0], (dp, dp)), ("stats.colsum", stats[1], (dp,))):
+        check_saved(t, name, shape, acc)
+        if t.device != linear_weight.device:
+            raise ValueError(f"{name} is on {t.device} but linear_weight is on {linear_weight.device}")
 
 
 def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
@@ -75,10 +89,13 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
                                                 kind=kind, a=a, b=b, eps=eps, var_eps=var_eps,
                                                 ignore_index=ignore_index, reduction=reduction)
     out_shape = target.shape
-    h = input.reshape(-1, input.shape[-1])
+    # (N, d) with N from the target: reshape(-1, d) is ambiguous for d = 0.
+    h = input.reshape(target.numel(), input.shape[-1])
     t = target.reshape(-1)
     if stats is None:
         stats = linear_spherical_stats(linear_weight, linear_bias)
+    else:
+        check_stats(stats, linear_weight, linear_bias)
     loss, _, _ = torch.ops.fusedtrain.linear_spherical_loss(
         h, linear_weight, linear_bias, t, stats[0].detach(), stats[1].detach(), kind, float(a), float(b),
         float(eps), float(var_eps), int(ignore_index), reduction, bool(check_target))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
 from .linear import LinearStats, TopK, linear_spherical_loss, linear_spherical_stats, linear_topk
@@ -53,13 +54,43 @@ class LinearSphericalLoss(_SphericalLossModule):
                                      **self._loss_kwargs())
 
 
+def _tensor_key(t: torch.Tensor | None):
+    """What identifies a tensor's values for the cache: storage (held weakly, so a freed storage's
+    address cannot be mistaken for it), layout, version, and a fingerprint of the values themselves
+    (writes through `.data` move no version counter)."""
+    if t is None:
+        return None
+    with torch.no_grad():
+        fingerprint = torch.stack([t.sum(dtype=torch.float64),
+                                   torch.linalg.vector_norm(t, dtype=torch.float64)]).tolist()
+    return (StorageWeakRef(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device,
+            t._version, fingerprint)
+
+
+def _same_key(a: tuple, b: tuple | None) -> bool:
+    if b is None:
+        return False
+    for x, y in zip(a, b):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (y[0].expired() or x[0].cdata != y[0].cdata or x[1:] != y[1:]):
+            return False
+    return True
+
+
 class SphericalHead(LinearSphericalLoss):
     """A classifier head `o = W·h + bias` trained with a spherical loss through the fused op.
 
     `head(h, target)` returns the loss; `head.logits(h)` and `head.topk(h, k)` evaluate. The weight's
-    Gram matrix and column sums are cached and reused while `weight` and `bias` are unchanged: same
-    storage and same tensor version (an optimizer's in-place step bumps the version), so
+    Gram matrix and column sums are cached and reused while `weight` and `bias` are unchanged, so
     gradient-accumulation micro-batches and evaluation compute them once per optimizer step.
+
+    "Unchanged" is decided per call from the tensors' storage, layout and version (an optimizer's
+    in-place step, `load_state_dict` and in-place ops under `no_grad` bump the version; `.data = ...`
+    changes the storage) and from a fingerprint of their values (sum and norm in float64), which
+    also catches writes through `.data` (`head.weight.data.mul_(3)`), which move no version
+    counter. The fingerprint costs one read of the weight per call (about d times cheaper than the
+    statistics) and, on CUDA, one host sync; `invalidate_stats()` drops the cache by hand.
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, kind: str = "z", *,
@@ -73,16 +104,19 @@ class SphericalHead(LinearSphericalLoss):
         self._stats_key = None
 
     def _key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None
-                     for t in (self.weight, self.bias))
+        return tuple(_tensor_key(t) for t in (self.weight, self.bias))
 
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
         key = self._key()
-        if self._stats is None or key != self._stats_key:
+        if self._stats is None or not _same_key(key, self._stats_key):
             self._stats = linear_spherical_stats(self.weight, self.bias)
             self._stats_key = key
         return self._stats
+
+    def invalidate_stats(self) -> None:
+        """Drop the cached statistics: the next call recomputes them."""
+        self._stats = self._stats_key = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         stats = None if torch.compiler.is_compiling() else self.stats()

@@ -6,10 +6,17 @@ import torch
 
 from .._core.dtypes import accumulate_dtype
 from .._core.registry import is_traced, register_op
+from .checks import (check_grad_loss, check_hyperparameters, check_raw_linear, check_raw_logits,
+                     check_saved)
+
+# The fake kernels check what the C++ ops check (csrc/spherical/*.cpp), so that meta tensors raise
+# the errors the real kernels raise; `register_op` has checked that every tensor is on one device.
 
 
 def _fake_spherical_loss(logits, target, kind, a, b, eps, var_eps, ignore_index, reduction,
                          compute_grad, check_target):
+    check_raw_logits(logits, target)
+    check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
     if compute_grad and reduction == "none":
         raise ValueError("compute_grad=True needs reduction 'mean' or 'sum', got reduction='none'")
     n = logits.shape[0]
@@ -20,10 +27,17 @@ def _fake_spherical_loss(logits, target, kind, a, b, eps, var_eps, ignore_index,
 
 
 def _fake_spherical_loss_backward(grad_loss, logits, target, coef, ignore_index):
+    check_raw_logits(logits, target)
+    check_saved(coef, "coef", (logits.shape[0], 4), accumulate_dtype(logits.dtype))
+    check_grad_loss(grad_loss, logits.shape[0])
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_scale_grad_(grad, grad_loss):
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must hold one element, got shape {tuple(grad_loss.shape)}")
+    if not grad.is_contiguous():
+        raise ValueError("grad must be contiguous")
     return None
 
 
@@ -59,6 +73,8 @@ def _backward_spherical(ctx, grad_loss, _grad_of_grad, _grad_of_coef):
 
 
 def _fake_gram(linear_weight, linear_bias):
+    check_raw_linear(linear_weight.new_empty(0, linear_weight.shape[-1]), linear_weight, linear_bias,
+                     linear_weight.new_empty(0, dtype=torch.int64))
     dp = linear_weight.shape[1] + (linear_bias is not None)
     acc = accumulate_dtype(linear_weight.dtype)
     return linear_weight.new_empty((dp, dp), dtype=acc), linear_weight.new_empty((dp,), dtype=acc)
@@ -66,15 +82,25 @@ def _fake_gram(linear_weight, linear_bias):
 
 def _fake_linear_loss(input, linear_weight, linear_bias, target, gram, colsum, kind, a, b, eps, var_eps,
                       ignore_index, reduction, check_target):
+    check_raw_linear(input, linear_weight, linear_bias, target)
+    check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
     n = input.shape[0]
     dp = input.shape[1] + (linear_bias is not None)
     acc = accumulate_dtype(input.dtype)
+    check_saved(gram, "gram", (dp, dp), acc)
+    check_saved(colsum, "colsum", (dp,), acc)
     loss = input.new_empty((n,) if reduction == "none" else ())
     return loss, input.new_empty((n, 3), dtype=acc), input.new_empty((n, dp), dtype=acc)
 
 
 def _fake_linear_backward(grad_loss, input, linear_weight, linear_bias, target, colsum, coef, proj,
                           ignore_index, output_mask):
+    check_raw_linear(input, linear_weight, linear_bias, target)
+    n, dp = input.shape[0], input.shape[1] + (linear_bias is not None)
+    acc = accumulate_dtype(input.dtype)
+    for name, t, shape in (("colsum", colsum, (dp,)), ("coef", coef, (n, 3)), ("proj", proj, (n, dp))):
+        check_saved(t, name, shape, acc)
+    check_grad_loss(grad_loss, n)
     def maybe(shape, wanted):
         return input.new_empty(shape if wanted else (0,))
     return (maybe(input.shape, output_mask[0]), maybe(linear_weight.shape, output_mask[1]),
