@@ -162,6 +162,28 @@ def test_spherical_head_cache_sees_writes_through_data(device, monkeypatch):
     assert len(calls) == n + 1
 
 
+def test_spherical_head_fingerprint_reads_a_sample_and_can_be_off(device, monkeypatch):
+    """A large weight is fingerprinted from a few thousand entries; detect_data_writes=False keys the
+    cache on storage and version only (a `.data` write then needs invalidate_stats())."""
+    head = fusedtrain.nn.SphericalHead(64, 1000, device=device)
+    h, t = torch.randn(8, 64, device=device), torch.randint(0, 1000, (8,), device=device)
+    head(h, t)
+    head.weight.data.mul_(3)
+    torch.testing.assert_close(head(h, t), fusedtrain.linear_spherical_loss(h, head.weight, t, linear_bias=head.bias))
+    quiet = fusedtrain.nn.SphericalHead(6, 11, device=device, detect_data_writes=False)
+    calls = []
+    real = fusedtrain.spherical.modules.linear_spherical_stats
+    monkeypatch.setattr(fusedtrain.spherical.modules, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(8, 6, device=device), torch.randint(0, 11, (8,), device=device)
+    quiet(x, y)
+    quiet.weight.data.mul_(3)
+    quiet(x, y)
+    assert len(calls) == 1  # not seen, as documented
+    quiet.invalidate_stats()
+    torch.testing.assert_close(quiet(x, y), fusedtrain.linear_spherical_loss(x, quiet.weight, y, linear_bias=quiet.bias))
+    assert len(calls) == 2
+
+
 # -- item 7: index lists ----------------------------------------------------------------------------
 
 def _pairs(device, **override):
@@ -366,3 +388,24 @@ def test_sparse_autoencoder_constructor_and_loader():
             sae.SparseAutoencoder.from_saelens_state_dict({**state, key: value}, k=4)
     with pytest.raises(KeyError, match=r"lacks \['encoder.weight'"):
         sae.SparseAutoencoder.from_sparsify_state_dict({"W_dec": state["W_dec"]}, k=4)
+
+
+def test_frugal_step_int_lists_must_fit_int64(device):
+    p = torch.randn(4, 6, device=device)
+    e = p.new_empty(0)
+    args = ([p], [torch.randn(4, 6, device=device)], [torch.zeros(4, 6, device=device)],
+            [torch.zeros(4, 6, device=device)], [torch.empty(0, dtype=torch.int32, device=device)])
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, residual_bases=[e], dense_updates=[e])
+    with pytest.raises(ValueError, match=r"steps\[0\] must fit in int64"):
+        fusedtrain.frugal_step_(*args, [0], [2**64], **hyper)
+    with pytest.raises(ValueError, match=r"kinds\[0\] must fit in int64"):
+        fusedtrain.frugal_step_(*args, [-2**64], [1], **hyper)
+
+
+def test_scale_grad_needs_floating_tensors(device, needs_kernels):
+    with pytest.raises(TypeError, match="grad must be float32"):
+        torch.ops.fusedtrain._scale_grad_(torch.ones(4, 5, dtype=torch.int32, device=device),
+                                          torch.ones((), device=device))
+    with pytest.raises(TypeError, match="grad must be float32"):  # the fake kernel says the same
+        torch.ops.fusedtrain._scale_grad_(torch.ones(4, 5, dtype=torch.int32, device="meta"),
+                                          torch.ones((), device="meta"))

@@ -54,17 +54,26 @@ class LinearSphericalLoss(_SphericalLossModule):
                                      **self._loss_kwargs())
 
 
-def _tensor_key(t: torch.Tensor | None):
+# Entries of a weight read for its fingerprint: evenly spaced over the whole tensor.
+_FINGERPRINT_SAMPLES = 4096
+
+
+def _tensor_key(t: torch.Tensor | None, fingerprint: bool):
     """What identifies a tensor's values for the cache: storage (held weakly, so a freed storage's
-    address cannot be mistaken for it), layout, version, and a fingerprint of the values themselves
-    (writes through `.data` move no version counter)."""
+    address cannot be mistaken for it), layout, version and, when asked, a fingerprint of the values
+    (writes through `.data` move no version counter): the float64 sum and norm of evenly spaced
+    entries, a read of a few thousand values whatever the weight's size."""
     if t is None:
         return None
-    with torch.no_grad():
-        fingerprint = torch.stack([t.sum(dtype=torch.float64),
-                                   torch.linalg.vector_norm(t, dtype=torch.float64)]).tolist()
+    values = None
+    if fingerprint:
+        with torch.no_grad():
+            flat = t.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)]
+            values = torch.stack([sample.sum(dtype=torch.float64),
+                                  torch.linalg.vector_norm(sample, dtype=torch.float64)]).tolist()
     return (StorageWeakRef(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device,
-            t._version, fingerprint)
+            t._version, values)
 
 
 def _same_key(a: tuple, b: tuple | None) -> bool:
@@ -87,15 +96,19 @@ class SphericalHead(LinearSphericalLoss):
 
     "Unchanged" is decided per call from the tensors' storage, layout and version (an optimizer's
     in-place step, `load_state_dict` and in-place ops under `no_grad` bump the version; `.data = ...`
-    changes the storage) and from a fingerprint of their values (sum and norm in float64), which
-    also catches writes through `.data` (`head.weight.data.mul_(3)`), which move no version
-    counter. The fingerprint costs one read of the weight per call (about d times cheaper than the
-    statistics) and, on CUDA, one host sync; `invalidate_stats()` drops the cache by hand.
+    changes the storage) and, with `detect_data_writes=True` (the default), from a fingerprint of
+    their values (float64 sum and norm of 4096 evenly spaced entries), which catches writes through
+    `.data` (`head.weight.data.mul_(3)`, EMA or clamping loops), which move no version counter. A
+    `.data` write that changes none of the sampled entries (one row, say) is not seen: call
+    `invalidate_stats()` after it. The fingerprint reads a few thousand values per call and, on CUDA,
+    costs one host sync; `detect_data_writes=False` drops it (no sync) for code that never writes
+    through `.data`.
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, kind: str = "z", *,
-                 device=None, dtype=None, **loss_kwargs) -> None:
+                 device=None, dtype=None, detect_data_writes: bool = True, **loss_kwargs) -> None:
         super().__init__(kind, **loss_kwargs)
+        self.detect_data_writes = bool(detect_data_writes)
         layer = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.weight = layer.weight  # nn.Linear's initialization
         self.bias = layer.bias
@@ -104,7 +117,7 @@ class SphericalHead(LinearSphericalLoss):
         self._stats_key = None
 
     def _key(self) -> tuple:
-        return tuple(_tensor_key(t) for t in (self.weight, self.bias))
+        return tuple(_tensor_key(t, self.detect_data_writes) for t in (self.weight, self.bias))
 
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
