@@ -144,6 +144,8 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, co
 }
 
 void scale_grad(at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_floating(grad, "grad");
+  check_floating(grad_loss, "grad_loss");
   FT_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
                     grad_loss.sizes());
   check_same_device(grad_loss, grad, "grad_loss", "grad");

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .._core import backend
+from .._core.checks import check_int64
 from . import reference as _reference
 from .subspace import FREE_UPDATES
 
@@ -55,6 +56,8 @@ def frugal_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     for i, g in enumerate(grads):
         if g is not None and g.is_sparse:
             raise RuntimeError(f"grads[{i}] is sparse: FRUGAL needs dense gradients")
+    kinds = [check_int64(int(k) if isinstance(k, torch.Tensor) else k, f"kinds[{i}]") for i, k in enumerate(kinds)]
+    steps = [check_int64(int(t) if isinstance(t, torch.Tensor) else t, f"steps[{i}]") for i, t in enumerate(steps)]
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), free_update=free_update, free_lr_scale=float(free_lr_scale))
     if not backend.use_kernel("frugal_step_", params[0].device):
@@ -63,5 +66,5 @@ def frugal_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         return
     torch.ops.fusedtrain.frugal_step_(
         params, list(grads), list(exp_avgs), list(exp_avg_sqs), list(indices), residual_bases,
-        dense_updates, [int(k) for k in kinds], [int(s) for s in steps], hyper["lr"], hyper["beta1"],
+        dense_updates, kinds, steps, hyper["lr"], hyper["beta1"],
         hyper["beta2"], hyper["eps"], hyper["weight_decay"], free_update, hyper["free_lr_scale"])

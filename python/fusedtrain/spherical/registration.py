@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.checks import check_float_tensor
 from .._core.dtypes import accumulate_dtype
 from .._core.registry import is_traced, register_op
 from .checks import (check_grad_loss, check_hyperparameters, check_raw_linear, check_raw_logits,
@@ -34,6 +35,8 @@ def _fake_spherical_loss_backward(grad_loss, logits, target, coef, ignore_index)
 
 
 def _fake_scale_grad_(grad, grad_loss):
+    check_float_tensor(grad, "grad")
+    check_float_tensor(grad_loss, "grad_loss")
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss must hold one element, got shape {tuple(grad_loss.shape)}")
     if not grad.is_contiguous():
