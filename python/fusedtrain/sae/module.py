@@ -23,6 +23,14 @@ class ForwardOutput(NamedTuple):
     num_dead: int                  # latents dead before this batch
 
 
+def _require_keys(state_dict: dict, convention: str, *names_and_shapes: tuple[str, str]) -> None:
+    """KeyError naming every missing key of a `convention` state dict, with the expected shapes."""
+    missing = [name for name, _ in names_and_shapes if name not in state_dict]
+    if missing:
+        expected = ", ".join(f"{name} {shape}" for name, shape in names_and_shapes)
+        raise KeyError(f"state_dict lacks {missing} ({convention} names: {expected})")
+
+
 class SparseAutoencoder(nn.Module):
     """TopK / feature-choice / mutual-choice sparse autoencoder with SAELens parameter names.
 
@@ -79,10 +87,8 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def from_saelens_state_dict(cls, state_dict: dict, routing: str = "topk", k: int = 32, **kw):
         """From SAELens names: W_enc (d, F), W_dec (F, d), b_enc (F,), b_dec (d,)."""
-        missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in state_dict]
-        if missing:
-            raise KeyError(f"state_dict lacks {missing} (SAELens names: W_enc (d, F), b_enc (F,), W_dec (F, d), "
-                           "b_dec (d,))")
+        _require_keys(state_dict, "SAELens", ("W_enc", "(d, F)"), ("b_enc", "(F,)"), ("W_dec", "(F, d)"),
+                      ("b_dec", "(d,)"))
         W_enc = state_dict["W_enc"]
         if not isinstance(W_enc, torch.Tensor) or W_enc.dim() != 2:
             raise ValueError(f"state_dict['W_enc'] must be a (d, F) tensor, got "
@@ -104,10 +110,8 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def from_sparsify_state_dict(cls, state_dict: dict, routing: str = "topk", k: int = 32, **kw):
         """From sparsify's `SparseCoder` names: encoder.weight (F, d), encoder.bias (F,), W_dec (F, d), b_dec (d,)."""
-        missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in state_dict]
-        if missing:
-            raise KeyError(f"state_dict lacks {missing} (sparsify names: encoder.weight (F, d), encoder.bias (F,), "
-                           "W_dec (F, d), b_dec (d,))")
+        _require_keys(state_dict, "sparsify", ("encoder.weight", "(F, d)"), ("encoder.bias", "(F,)"),
+                      ("W_dec", "(F, d)"), ("b_dec", "(d,)"))
         weight = state_dict["encoder.weight"]
         return cls.from_saelens_state_dict({"W_enc": weight.t(), "b_enc": state_dict["encoder.bias"],
                                             "W_dec": state_dict["W_dec"], "b_dec": state_dict["b_dec"]},
