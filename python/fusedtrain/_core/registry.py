@@ -3,11 +3,12 @@
 `register_op("name", fake=..., backward=..., setup_context=...)` is called once per op at import of
 the family's `registration.py`. It records which backends serve the op (the table `backend.use_kernel`
 reads) and, when `_C` defines the op, registers its fake (meta) kernel for torch.compile / opcheck and
-its autograd formula. The fake kernel is what answers for meta tensors, and for any mix of devices that
-includes meta (the dispatcher picks it over the CPU kernel): so before it runs, every tensor argument
-is checked to be on one device, as the compiled ops check; each family's fake kernel checks the rest
-(kinds, shapes, dtypes) with the family's checks of the raw op. The backward is wrapped so that `create_graph=True` raises instead of returning
-a gradient without a graph of its own, which would make every second-order term silently zero.
+its autograd formula. The fake kernel is what answers for meta tensors, and for any mix of devices
+that includes meta (the dispatcher picks it over the CPU kernel): so before it runs, every tensor
+argument is checked to be on one device, as the compiled ops check; each family's fake kernel checks
+the rest (kinds, shapes, dtypes) with the family's checks of the raw op. The backward is wrapped so
+that `create_graph=True` raises instead of returning a gradient without a graph of its own, which
+would make every second-order term silently zero.
 """
 from __future__ import annotations
 
