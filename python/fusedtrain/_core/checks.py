@@ -56,8 +56,12 @@ def check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: s
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
-    """Same dtype and device as `ref`."""
+def check_same_dtype(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """Same dtype and device as `ref`."""
+    check_same_dtype(t, ref, name, ref_name)
     check_same_device(t, ref, name, ref_name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.checks import INT64_MAX, check_float_tensor, check_int, check_like, check_tensor
+from .._core.checks import INT64_MAX, check_float_tensor, check_int, check_like, check_same_dtype, check_tensor
 from .._core.dtypes import accumulate_dtype
 from .types import SparseActs
 
@@ -98,11 +98,6 @@ def _check_index_vector(t, name: str) -> None:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
 
 
-def _check_same_dtype(t, ref, name: str, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-
-
 def check_raw_route(pre, routing, k, theta) -> None:
     """`torch.ops.fusedtrain.sae_route(pre, routing, k, theta)` (k: the routing's int parameter)."""
     check_float_tensor(pre, "pre", 2)
@@ -136,7 +131,7 @@ def check_raw_table(table, ref, name: str, ref_name: str) -> None:
     check_tensor(table, name)
     if table.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(table.shape)}")
-    _check_same_dtype(table, ref, name, ref_name)
+    check_same_dtype(table, ref, name, ref_name)
 
 
 def check_raw_gather(row_ptr, feature, value, table, bias) -> None:
@@ -146,7 +141,7 @@ def check_raw_gather(row_ptr, feature, value, table, bias) -> None:
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != table.shape[1]:
             raise ValueError(f"b_dec must have shape ({table.shape[1]},), got {tuple(bias.shape)}")
-        _check_same_dtype(bias, value, "b_dec", "value")
+        check_same_dtype(bias, value, "b_dec", "value")
 
 
 def check_raw_sampled_dot(row_ptr, feature, grad, table) -> None:
