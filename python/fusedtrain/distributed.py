@@ -1,0 +1,16 @@
+"""fusedtrain on torch.distributed: the public entry points of every family's distributed path.
+
+The implementations live in the families (`spherical`, `mining`, `sae`, `optim`); this module only
+gathers their public names. The maths and the communication per step: docs/distributed.md.
+"""
+from __future__ import annotations
+
+__all__: list = []
+
+# --- spherical (vocab-parallel fused linear loss) ---
+
+# --- mining (DistributedLossWrapper) ---
+
+# --- sae (latent sharding) ---
+
+# --- optim (FRUGAL seeds and FSDP2) ---
