@@ -242,9 +242,12 @@ def test_mining_losses_compute_in_fp32(device):
     with amp(device):
         inside = mining.multi_similarity_loss(emb, labels)
         pairs_inside = mining.batch_hard_mine(emb, labels)
+        mined_inside = mining.multi_similarity_mine(emb, labels)
     assert torch.equal(inside, mining.multi_similarity_loss(emb, labels))
     for a, b in zip(pairs_inside, mining.batch_hard_mine(emb, labels)):
         assert torch.equal(a, b)
+    as_sets = lambda m: ({*zip(m[0].tolist(), m[1].tolist())}, {*zip(m[2].tolist(), m[3].tolist())})  # noqa: E731
+    assert as_sets(mined_inside) == as_sets(mining.multi_similarity_mine(emb, labels))
 
 
 # -- SAE: encoder and decoder in the autocast dtype, losses in fp32 --------------------------------
