@@ -469,7 +469,7 @@ def _bad_cases(device):
         (lambda: (h, w[:0], t, b), ValueError, "linear_weight must have shape"),
         (lambda: (h[:, :2], w, t, b), ValueError, "input must have shape"),
         (lambda: (h, w, t[:3], b), ValueError, "target must have shape"),
-        (lambda: (h, w, t.int(), b), TypeError, "target must be int64"),
+        (lambda: (h, w, t.bool(), b), TypeError, "target must be integer class indices"),  # int32 is accepted
         (lambda: (h, w, t, b[:4]), ValueError, "linear_bias must have shape"),
         (lambda: (h, w, t, b.double()), TypeError, "linear_bias must have"),
         (lambda: ("x", w, t, b), TypeError, "input must be a torch.Tensor"),

@@ -15,7 +15,7 @@ from utils import HAS_CUDA
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda d: (torch.randn(4, 5, device=d), torch.zeros(4, dtype=torch.int32, device=d)), "target"),
+        (lambda d: (torch.randn(4, 5, device=d), torch.zeros(4, dtype=torch.bool, device=d)), "target"),
         (lambda d: (torch.randn(4, 5, device=d), torch.zeros(4, device=d)), "target"),
         (lambda d: (torch.zeros(4, 5, dtype=torch.int64, device=d), torch.zeros(4, dtype=torch.long, device=d)), "logits"),
         (lambda d: (torch.randn(4, 5, device=d), torch.zeros(3, dtype=torch.long, device=d)), "target"),
@@ -23,7 +23,7 @@ from utils import HAS_CUDA
         (lambda d: (torch.randn(5, device=d), torch.zeros(5, dtype=torch.long, device=d)), "logits"),
         (lambda d: (torch.randn(4, 0, device=d), torch.zeros(4, dtype=torch.long, device=d)), "logits"),
     ],
-    ids=["target-int32", "target-float", "logits-int64", "target-shape", "target-shape-3d", "logits-1d",
+    ids=["target-bool", "target-float", "logits-int64", "target-shape", "target-shape-3d", "logits-1d",
          "zero-classes"],
 )
 def test_bad_tensors_raise_naming_the_argument(device, make, match):

@@ -361,11 +361,11 @@ def test_malformed_stats_name_stats(device):
 @pytest.mark.parametrize("routing", ["topk", "feature_choice", "mutual_choice"])
 def test_sparse_autoencoder_names_x(device, routing):
     model = sae.SparseAutoencoder(8, 32, routing, 4, device=device)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, d_in\) = \(B, 8\), got \(4, 7\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., d_in\) = \(\.\.\., 8\), got \(4, 7\)"):
         model(torch.randn(4, 7, device=device))
     model.eval()
     model.threshold_steps.fill_(1)  # threshold inference
-    with pytest.raises(ValueError, match=r"x must have shape \(B, d_in\) = \(B, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., d_in\) = \(\.\.\., 8\)"):
         model.encode(torch.randn(4, 7, device=device))
     # The functional encoder names both: either may be the wrong one.
     with pytest.raises(ValueError, match=r"W_enc must have shape \(d, F\) with d = 7 the width of x"):

@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (red == kMean) L.scale = count.reciprocal();
   if (N > 0) backend<Kernels>(weight_in).forward(L);
   if (check_target && N > 0 && L.bad_target.item<int>() != 0) throw_bad_target(D, ignore_index);
-  return {reduce_loss(L.row_loss, red, count, input_in.scalar_type()), L.coef, L.proj};
+  // In the accumulate type, as spherical_loss's (the Python layer picks the dtype returned).
+  return {reduce_loss(L.row_loss, red, count, acc), L.coef, L.proj};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

@@ -114,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   // One int read back: on CUDA this waits for the kernel. check_target=False skips it.
   if (check_target && N > 0 && launch.bad_target.item<int>() != 0)
     throw_bad_target(logits_in.size(1), ignore_index);
-  const at::Tensor loss = reduce_loss(launch.row_loss, red, count, logits_in.scalar_type());
+  // The loss stays in the accumulate type: the Python layer returns it in the logits' dtype, or
+  // as float32 under autocast, without a round trip through bf16 (fusedtrain/_core/autocast.py).
+  const at::Tensor loss = reduce_loss(launch.row_loss, red, count, acc);
   at::Tensor grad = compute_grad ? launch.grad : at::empty({0}, logits_in.options());
   return {loss, grad, launch.coef};
 }

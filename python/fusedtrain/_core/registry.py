@@ -8,7 +8,9 @@ that includes meta (the dispatcher picks it over the CPU kernel): so before it r
 argument is checked to be on one device, as the compiled ops check; each family's fake kernel checks
 the rest (kinds, shapes, dtypes) with the family's checks of the raw op. The backward is wrapped so
 that `create_graph=True` raises instead of returning a gradient without a graph of its own, which
-would make every second-order term silently zero.
+would make every second-order term silently zero, and so that it runs with autocast off (a backward
+called inside an autocast region would otherwise recast its matmuls: torch's own backward formulas
+run in the forward's dtypes). Each op also gets its autocast policy (`_core.autocast`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from . import autocast as _autocast
 from . import backend
 
 NAMESPACE = "fusedtrain"
@@ -35,15 +38,18 @@ def is_traced(*tensors) -> bool:
 
 def refuse_double_backward(name: str, reference: str, backward: Callable) -> Callable:
     """`backward`, raising NotImplementedError when autograd records a graph through it
-    (create_graph=True). Tracing runs backward with grad mode on, so traced calls pass through.
-    `name` is what the user called (e.g. "fusedtrain.sae.sparse_decode")."""
+    (create_graph=True), and run with autocast off. Tracing runs backward with grad mode on, so
+    traced calls pass through. `name` is what the user called (e.g. "fusedtrain.sae.sparse_decode")."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
         tensors = [g for g in grads if isinstance(g, torch.Tensor)]
         if tensors and torch.is_grad_enabled() and not is_traced(*tensors):
             raise NotImplementedError(f"{name} does not support double backward (create_graph=True); "
                                       f"use {reference}")
-        return backward(ctx, *grads)
+        if _autocast.autocast_dtype("cpu") is None and _autocast.autocast_dtype("cuda") is None:
+            return backward(ctx, *grads)
+        with _autocast.suspended("cpu"), _autocast.suspended("cuda"):
+            return backward(ctx, *grads)
     return wrapped
 
 
@@ -81,11 +87,13 @@ def checked_fake(name: str, fake: Callable) -> Callable:
 
 def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
                 setup_context: Callable | None = None, api: str | None = None,
-                reference: str = "fusedtrain.reference") -> None:
+                reference: str = "fusedtrain.reference", autocast: str = _autocast.NATIVE) -> None:
     """Declare `fusedtrain::<name>` and, when the build defines it, attach its fake kernel and autograd.
 
     api: the public function(s) that run the op, named in errors (default `fusedtrain.<name>`);
     reference: what to use instead for double backward.
+    autocast: the raw op's policy inside `torch.autocast` (`_core.autocast`: NATIVE runs it on the
+      dtypes it is given with autocast excluded; FP32 first casts its float tensors to float32).
     """
     if not op_defined(name):
         backend.add_op(name)
@@ -93,6 +101,7 @@ def register_op(name: str, *, fake: Callable, backward: Callable | None = None,
     qualified = f"{NAMESPACE}::{name}"
     torch.library.register_fake(qualified)(checked_fake(name, fake))
     backend.add_op(name, fake=True)
+    _autocast.register_raw(NAMESPACE, name, autocast)
     if backward is not None:
         guarded = refuse_double_backward(api or f"fusedtrain.{name}", reference, backward)
         torch.library.register_autograd(qualified, guarded, setup_context=setup_context)

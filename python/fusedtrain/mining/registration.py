@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.autocast import FP32
 from .._core.checks import check_finite
 from .._core.dtypes import accumulate_dtype
 from .._core.registry import register_op
@@ -120,11 +121,12 @@ def _backward_tcm(ctx, grad_loss, _grad_stats):
     return (gx if need_x else None, None, gr if need_r else None) + (None,) * 5
 
 
+# Under autocast the mining ops compute in float32, as torch's cosine_similarity does (_core.autocast).
 register_op("multi_similarity_loss", fake=_fake_ms_loss, backward=_backward_ms, setup_context=_setup_ms,
-            reference="fusedtrain.reference.mining.multi_similarity_loss")
-register_op("_multi_similarity_loss_backward", fake=_fake_ms_backward)
+            reference="fusedtrain.reference.mining.multi_similarity_loss", autocast=FP32)
+register_op("_multi_similarity_loss_backward", fake=_fake_ms_backward, autocast=FP32)
 register_op("tcm_loss", fake=_fake_tcm_loss, backward=_backward_tcm, setup_context=_setup_tcm,
-            reference="fusedtrain.reference.mining.tcm_loss")
-register_op("_tcm_loss_backward", fake=_fake_tcm_backward)
-register_op("mine_pairs", fake=_fake_mine)
-register_op("batch_hard_mine", fake=_fake_batch_hard)
+            reference="fusedtrain.reference.mining.tcm_loss", autocast=FP32)
+register_op("_tcm_loss_backward", fake=_fake_tcm_backward, autocast=FP32)
+register_op("mine_pairs", fake=_fake_mine, autocast=FP32)
+register_op("batch_hard_mine", fake=_fake_batch_hard, autocast=FP32)

@@ -8,7 +8,8 @@ from collections import defaultdict
 import torch
 
 from .._core.dtypes import accumulate_dtype
-from .options import check_group, check_options
+from .._core.autocast import suspended
+from .options import FLAGS, check_group, check_options
 from .state import check_state_dict
 from .subspace import (COLUMNS, DENSE, FREE, RESIDUAL, ROWS,
                        block_selection, matrix_shape, random_basis, select_indices, subspace_size, svd_basis)
@@ -25,16 +26,26 @@ class FRUGALBase(torch.optim.Optimizer):
     _step_fn = None
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, density: float = 0.25, proj: str | None = "columns",
+                 weight_decay: float = 1e-2, density: float = 0.25, proj: str | None = "columns",
                  update_gap: int = 200, reset_state: bool = True, free_update: str = "signsgd",
-                 free_lr_scale: float = 1.0, seed: int | None = None, block_order: str = "random",
+                 free_lr_scale: float = 1.0, seed: int | None = None, block_order: str = "random", *,
+                 amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  **unexpected):
         if unexpected:  # else Python's TypeError would name this internal class
             raise TypeError(f"FRUGAL got unexpected keyword arguments {sorted(unexpected)}")
+        # torch.optim.AdamW's flags that FRUGAL cannot honour: refused, not silently ignored.
+        for flag, value, why in (
+                ("amsgrad", amsgrad, "its subspace moments are Adam's, without AMSGrad's running maximum"),
+                ("capturable", capturable, "the step counters and subspace bookkeeping live on the host, "
+                                           "so the step cannot be captured in a CUDA graph"),
+                ("differentiable", differentiable, "the fused step updates in place outside autograd")):
+            if value:
+                raise ValueError(f"FRUGAL does not support {flag}=True: {why}")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, density=density, proj=proj, update_gap=update_gap,
                         reset_state=reset_state, free_update=free_update, free_lr_scale=free_lr_scale,
-                        block_order=block_order)
+                        block_order=block_order, maximize=maximize, foreach=foreach, fused=fused)
         if seed is None:  # drawn from torch's global generator: torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -49,6 +60,8 @@ class FRUGALBase(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for flag, default in FLAGS.items():
+            group.setdefault(flag, default)
         check_group(group, len(self.param_groups) - 1)
         # Steps this group has taken: the "block" projection refreshes on it. In the group dict so
         # that state_dict() carries it.
@@ -89,10 +102,17 @@ class FRUGALBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group_id, group in enumerate(self.param_groups):
-            check_options(group, group_id)  # a group dict may have been edited since the last step
-            self._step_group(group)
+        # Autocast off: a step called inside an autocast region would otherwise run the svd/random
+        # projections' matrix products in bf16 (torch's optimizers use no autocast-listed op).
+        with suspended("cpu"), suspended("cuda"):
+            for group_id, group in enumerate(self.param_groups):
+                check_options(group, group_id)  # a group dict may have been edited since the last step
+                self._step_group(group)
         return loss
+
+    def _select_step(self, group: dict):
+        """The step function for this group (FRUGAL picks by its `foreach`/`fused` flags)."""
+        return self._step_fn
 
     def _step_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -111,25 +131,26 @@ class FRUGALBase(torch.optim.Optimizer):
         hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                      weight_decay=float(group["weight_decay"]), free_update=group["free_update"],
                      free_lr_scale=float(group["free_lr_scale"]))
+        step_fn = self._select_step(group)
         buckets = defaultdict(lambda: defaultdict(list))
         for p in params:
             work = self._prepare(p, group)
             if work["kinds"] == RESIDUAL:
                 # Applied at once: its two param-size temporaries are freed before the next
                 # tensor's are made (peak memory of one tensor's, not the whole group's).
-                self._apply({key: [value] for key, value in work.items()}, **hyper)
+                self._apply({key: [value] for key, value in work.items()}, step_fn, **hyper)
                 continue
             bucket = buckets[(p.device, p.dtype)]
             for key, value in work.items():
                 bucket[key].append(value)
         for bucket in buckets.values():  # one fused call per (device, dtype)
-            self._apply(bucket, **hyper)
+            self._apply(bucket, step_fn, **hyper)
 
-    def _apply(self, bucket: dict, **hyper) -> None:
+    def _apply(self, bucket: dict, step_fn=None, **hyper) -> None:
         params = bucket["params"]
         # The fused op wants contiguous params; a non-contiguous one is updated through a copy.
         targets = [p if p.is_contiguous() else p.contiguous() for p in params]
-        self._step_fn(targets, bucket["grads"], bucket["exp_avgs"], bucket["exp_avg_sqs"],
+        (step_fn or self._step_fn)(targets, bucket["grads"], bucket["exp_avgs"], bucket["exp_avg_sqs"],
                       bucket["indices"], bucket["kinds"], bucket["steps"],
                       residual_bases=bucket["residual_bases"], dense_updates=bucket["dense_updates"],
                       **hyper)
@@ -176,6 +197,8 @@ class FRUGALBase(torch.optim.Optimizer):
         refresh = state["step"] % group["update_gap"] == 0
         state["step"] += 1
         grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+        if group.get("maximize", False):  # FRUGAL on −g, moments included (torch's maximize)
+            grad = -grad
         empty, no_indices = self._empties(p)
         work = dict(params=p, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
                     residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)

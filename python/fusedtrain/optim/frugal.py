@@ -13,6 +13,7 @@ the host), sparse gradients, complex parameters, a tensor learning rate.
 from __future__ import annotations
 
 from .base import FRUGALBase
+from .reference import frugal_step_ as reference_step_
 from .step import frugal_step_
 
 __all__ = ["FRUGAL"]
@@ -21,14 +22,21 @@ __all__ = ["FRUGAL"]
 class FRUGAL(FRUGALBase):
     """FRUGAL: memory-efficient optimization by gradient splitting (Zmushko et al., ICML 2025).
 
-    FRUGAL(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, density=0.25,
+    FRUGAL(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, density=0.25,
            proj="columns", update_gap=200, reset_state=True, free_update="signsgd",
-           free_lr_scale=1.0, seed=None, block_order="random")
+           free_lr_scale=1.0, seed=None, block_order="random", *, maximize=False, foreach=None,
+           fused=None, amsgrad=False, capturable=False, differentiable=False)
 
     Each weight W (m×n; higher-dimensional ones are viewed as (size(0), rest)) is split into a
     state-full part, updated by AdamW with moments kept only there, and the residual, updated by
     signSGD ("signsgd"), SGD ("sgd") or not at all ("none") scaled by `free_lr_scale`. Weight decay is
-    decoupled (AdamW's) and applies to all of W.
+    decoupled (AdamW's) and applies to all of W; its default 1e-2 is torch.optim.AdamW's, so that
+    swapping AdamW for FRUGAL keeps the regularization (pass weight_decay=0 for none).
+
+    torch.optim.AdamW's flags: maximize (FRUGAL on −g, as AdamW's); foreach / fused choose between
+    our two steps: the compiled fused multi-tensor step (default, foreach=True or fused=True) and
+    the pure-PyTorch step one tensor at a time (foreach=False or fused=False; `fusedtrain.reference`
+    checks the compiled one against it). amsgrad, capturable and differentiable are refused when True.
 
     proj: "columns" / "rows": a random round(density·n) columns (rows), int32 indices, state m×ρn;
       "block": round(density·#tensors) whole tensors of the group are state-full, chosen in
@@ -44,5 +52,9 @@ class FRUGAL(FRUGALBase):
     subspaces, step counters and the generator, so a resumed run continues bit-identically.
     """
 
-
     _step_fn = staticmethod(frugal_step_)
+
+    def _select_step(self, group: dict):
+        if group.get("foreach") is False or group.get("fused") is False:
+            return reference_step_
+        return frugal_step_

@@ -6,11 +6,14 @@ import math
 
 from .subspace import BLOCK_ORDERS, FREE_UPDATES, PROJECTIONS
 
-__all__ = ["OPTIONS", "check_group", "check_options"]
+__all__ = ["OPTIONS", "FLAGS", "check_group", "check_options"]
 
 # The options of a param group (FRUGAL's constructor arguments but params and seed).
 OPTIONS = ("lr", "betas", "eps", "weight_decay", "density", "proj", "update_gap", "reset_state", "free_update",
            "free_lr_scale", "block_order")
+# torch.optim.AdamW's flags that FRUGAL honours, with their defaults: kept in each param group as
+# torch keeps them (a group or state dict made before they existed reads as the defaults).
+FLAGS = {"maximize": False, "foreach": None, "fused": None}
 
 
 def _check_number(name, value, group_id, low=None, high=None, *, low_open=False, high_open=False):
@@ -70,6 +73,13 @@ def check_options(group: dict, group_id: int) -> None:
     if group["block_order"] not in BLOCK_ORDERS:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {group['block_order']!r} "
                          f"(param group {group_id})")
+    if not isinstance(group.get("maximize", False), bool):
+        raise ValueError(f"maximize must be a bool, got {group['maximize']!r} (param group {group_id})")
+    for flag in ("foreach", "fused"):
+        if group.get(flag) is not None and not isinstance(group[flag], bool):
+            raise ValueError(f"{flag} must be None or a bool, got {group[flag]!r} (param group {group_id})")
+    if group.get("foreach") and group.get("fused"):  # torch.optim's rule
+        raise ValueError(f"`fused` and `foreach` cannot be `True` together (param group {group_id})")
     block_step = group.get("block_step", 0)
     if isinstance(block_step, bool) or not isinstance(block_step, int) or block_step < 0:
         raise ValueError(f"block_step must be an int >= 0, got {block_step!r} (param group {group_id})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core import backend
+from .._core import autocast, backend
 from .._core.checks import check_float_tensor, check_like
 from . import reference as _reference
 from .checks import check_acts, check_csr_indices, check_encoder, check_theta, routing_param
@@ -22,6 +22,9 @@ def encode_with_cutoff(x, W_enc, b_enc, b_dec, routing: str, param: int, theta=N
     return route(pre, routing, param, theta)
 
 
+# Autocast (docs/sae.md, "Mixed precision"): encoder and decoder are GEMMs, cast to the autocast dtype
+# like nn.Linear's (theta and the CSR indices are not cast); the kernels accumulate in fp32.
+@autocast.policy(autocast.LOWER, device="x", cast_args=("x", "W_enc", "b_enc", "b_dec"))
 def sae_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                routing: str = "topk", k: int | None = None, *, m: int | None = None,
                budget: int | None = None, theta=None) -> SparseActs:
@@ -39,6 +42,7 @@ def sae_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec:
     return encode_with_cutoff(x, W_enc, b_enc, b_dec, routing, param)[0]
 
 
+@autocast.policy(autocast.LOWER, device="W_dec", cast_args=("acts", "W_dec", "b_dec"))
 def sparse_decode(acts, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None, *,
                   check_indices: bool = True) -> torch.Tensor:
     """x̂_b = Σ_{(b, f) stored} value·W_dec[f] + b_dec, accumulated in fp32 (fp64 for fp64).

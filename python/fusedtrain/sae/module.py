@@ -1,5 +1,5 @@
-"""`SparseAutoencoder`: TopK / feature-choice / mutual-choice SAE with SAELens parameter names, FVU,
-AuxK, dead-latent counters and EMA thresholds for threshold inference (maths: docs/sae.md)."""
+"""`SparseAutoencoder`: TopK / feature-choice / mutual-choice / threshold SAE with SAELens parameter
+names, FVU, AuxK, dead-latent counters and EMA thresholds for threshold inference (maths: docs/sae.md)."""
 from __future__ import annotations
 
 import math
@@ -8,15 +8,19 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .._core import autocast
 from .._core.checks import check_finite, check_float_tensor, check_int
-from .checks import ROUTINGS, check_encoder, routing_param
+from .checks import ROUTINGS, check_encoder, check_theta, routing_param
 from .codec import encode_with_cutoff, sparse_decode
 from .types import SparseActs
 
 
+MODULE_ROUTINGS = ROUTINGS + ("threshold",)
+
+
 class ForwardOutput(NamedTuple):
-    sae_out: torch.Tensor          # (B, d) reconstruction
-    latent_acts: SparseActs        # the kept latents
+    sae_out: torch.Tensor          # (..., d) reconstruction, the shape of x
+    latent_acts: SparseActs        # the kept latents; row b is token b of x.reshape(-1, d)
     fvu: torch.Tensor              # fraction of variance unexplained
     auxk_loss: torch.Tensor        # AuxK loss of the dead latents (0 when none are dead)
     loss: torch.Tensor             # fvu + auxk_alpha · auxk_loss
@@ -31,8 +35,23 @@ def _require_keys(state_dict: dict, convention: str, *names_and_shapes: tuple[st
         raise KeyError(f"state_dict lacks {missing} ({convention} names: {expected})")
 
 
+class _Weights(NamedTuple):
+    """The parameters one forward reads: the module's own, or their autocast casts."""
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+
+
 class SparseAutoencoder(nn.Module):
-    """TopK / feature-choice / mutual-choice sparse autoencoder with SAELens parameter names.
+    """TopK / feature-choice / mutual-choice / threshold sparse autoencoder with SAELens parameter names.
+
+    Activations `x` have shape (..., d_in): a transformer's (B, T, d) residual stream is B·T tokens.
+    `sae_out` has x's shape; `latent_acts` is CSR over the tokens of `x.reshape(-1, d_in)` (row
+    b·T + t is token (b, t) of a (B, T, d) input), and the batch-dependent routings choose over all
+    of them. Under torch.autocast the encoder and decoder run in the autocast dtype (as nn.Linear
+    layers would: x and the parameters cast, bf16/fp16 kernels with fp32 accumulation, `sae_out`
+    and the latents in that dtype) and the losses are float32 (docs/sae.md, "Mixed precision").
 
     Parameters `W_enc (d, F)`, `b_enc (F,)`, `W_dec (F, d)`, `b_dec (d,)`. `W_enc` is stored as the
     transpose of an (F, d) matrix, so its backward rows are written whole (`load_state_dict` copies
@@ -41,7 +60,10 @@ class SparseAutoencoder(nn.Module):
     routings; used in eval mode once trained, see `use_threshold`).
 
     routing: "topk" (each token keeps k latents), "feature_choice" (each latent keeps
-    m = ceil(k·B/F) tokens, or the `m` given), "mutual_choice" (the k·B best entries of the batch).
+    m = ceil(k·B/F) tokens, or the `m` given), "mutual_choice" (the k·B best entries of the batch),
+    "threshold" (each token keeps the latents with pre > theta_f, and > 0; `theta` is one value or
+    one per latent (F,), stored in the `threshold` buffer and used in training and eval alike; k is
+    unused).
     AuxK (Gao et al.): latents that fired on none of the last `dead_tokens_threshold` tokens are
     dead; the top `k_aux` (default d/2) of them reconstruct the detached residual, weight `auxk_alpha`.
     """
@@ -49,12 +71,18 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_in: int, num_latents: int, routing: str = "topk", k: int = 32, *,
                  m: int | None = None, k_aux: int | None = None, auxk_alpha: float = 1 / 32,
                  dead_tokens_threshold: int = 10_000_000, threshold_decay: float = 0.99,
-                 use_threshold: bool = True, device=None, dtype=None) -> None:
+                 use_threshold: bool = True, theta=None, device=None, dtype=None) -> None:
         super().__init__()
         check_int(d_in, "d_in", 1)
         check_int(num_latents, "num_latents", 1)
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if routing not in MODULE_ROUTINGS:
+            raise ValueError(f"routing must be one of {MODULE_ROUTINGS}, got {routing!r}")
+        if (theta is None) == (routing == "threshold"):
+            raise ValueError("theta (one threshold, or one per latent) must be given for routing='threshold' "
+                             f"and only for it, got theta={theta!r} with routing={routing!r}")
+        if theta is not None:  # checked as threshold_route checks it, kept in fp32 (the kernels compare in fp32)
+            theta = check_theta(theta.to(device) if isinstance(theta, torch.Tensor) else theta,
+                                torch.empty(0, num_latents, device=device))
         check_int(k, "k", 1, num_latents if routing == "topk" else None)
         if m is not None:
             check_int(m, "m", 0)
@@ -82,6 +110,9 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("num_tokens_since_fired", torch.zeros(num_latents, dtype=torch.int64, device=device))
         self.register_buffer("threshold", torch.zeros(num_latents, dtype=torch.float32, device=device))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64, device=device))
+        if theta is not None:
+            with torch.no_grad():
+                self.threshold.copy_(theta.expand(num_latents))
 
     # -- loaders ------------------------------------------------------------------------------
     @classmethod
@@ -133,26 +164,48 @@ class SparseAutoencoder(nn.Module):
 
     # -- encode / decode ------------------------------------------------------------------------
     def _uses_threshold(self) -> bool:
+        if self.routing == "threshold":
+            return True
         return (not self.training and self.use_threshold and self.routing != "topk"
                 and bool(self.threshold_steps > 0))
 
-    def encode(self, x: torch.Tensor) -> SparseActs:
-        """Sparse latents of x (B, d). In eval mode the batch-dependent routings switch to
-        threshold routing with the learned EMA thresholds (when trained and `use_threshold`)."""
-        return self._encode_with_cutoff(x)[0]
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_in) as its (B, d_in) tokens (a view when it can be)."""
+        check_float_tensor(x, "x")
+        if x.dim() < 1 or x.shape[-1] != self.d_in:  # the weights are this module's: the input is wrong
+            raise ValueError(f"x must have shape (..., d_in) = (..., {self.d_in}), got {tuple(x.shape)}")
+        return x.reshape(-1, self.d_in)
 
-    def _encode_with_cutoff(self, x: torch.Tensor):
-        check_float_tensor(x, "x", 2)
-        if x.shape[1] != self.d_in:  # the weights are this module's: the input is what is wrong
-            raise ValueError(f"x must have shape (B, d_in) = (B, {self.d_in}), got {tuple(x.shape)}")
-        check_encoder(x, self.W_enc, self.b_enc, self.b_dec)
+    def _weights(self, dtype: torch.dtype | None) -> _Weights:
+        return _Weights(*(autocast.cast(t, dtype) for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec)))
+
+    def encode(self, x: torch.Tensor) -> SparseActs:
+        """Sparse latents of x (..., d): CSR over the tokens of x.reshape(-1, d). In eval mode the
+        batch-dependent routings switch to threshold routing with the learned EMA thresholds (when
+        trained and `use_threshold`)."""
+        rows = self._rows(x)
+        amp = autocast.policy_dtype(autocast.LOWER, rows.device)
+        with autocast.suspended(rows.device):
+            return self._encode_with_cutoff(autocast.cast(rows, amp), self._weights(amp))[0]
+
+    def _encode_with_cutoff(self, x: torch.Tensor, w: _Weights | None = None):
+        """(latents, routing cutoff) of the (B, d) tokens x, with the parameters w (default: own)."""
+        w = self._weights(None) if w is None else w
+        check_encoder(x, w.W_enc, w.b_enc, w.b_dec)
         if self._uses_threshold():
-            return encode_with_cutoff(x, self.W_enc, self.b_enc, self.b_dec, "threshold", 0, self.threshold)[0], None
+            return encode_with_cutoff(x, w.W_enc, w.b_enc, w.b_dec, "threshold", 0, self.threshold)[0], None
         param = routing_param(self.routing, self.k, self.m, None, x.shape[0], self.num_latents)
-        return encode_with_cutoff(x, self.W_enc, self.b_enc, self.b_dec, self.routing, param)
+        return encode_with_cutoff(x, w.W_enc, w.b_enc, w.b_dec, self.routing, param)
 
     def decode(self, acts: SparseActs) -> torch.Tensor:
-        return sparse_decode(acts, self.W_dec, self.b_dec, check_indices=False)
+        """The (B, d) reconstruction of latents over B tokens (under autocast: in the autocast dtype)."""
+        amp = autocast.policy_dtype(autocast.LOWER, self.W_dec.device)
+        with autocast.suspended(self.W_dec.device):
+            return self._decode(autocast.cast(acts, amp), self._weights(amp))
+
+    @staticmethod
+    def _decode(acts: SparseActs, w: _Weights) -> torch.Tensor:
+        return sparse_decode(acts, w.W_dec, w.b_dec, check_indices=False)
 
     @torch.no_grad()
     def _update_statistics(self, acts: SparseActs, cutoff: torch.Tensor | None, batch: int) -> None:
@@ -168,34 +221,49 @@ class SparseAutoencoder(nn.Module):
         self.threshold.copy_(torch.where(valid, self.threshold + w * (cut - self.threshold), self.threshold))
         self.threshold_steps.add_(1)
 
-    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
+                   w: _Weights | None = None) -> torch.Tensor:
+        w = self._weights(None) if w is None else w
         num_dead = int(dead.sum())
         k_aux = min(self.k_aux, num_dead)
         if k_aux == 0:
-            return x.new_zeros(())
+            return residual.new_zeros(())
         idx = dead.nonzero().squeeze(1)
-        pre = (x - self.b_dec) @ self.W_enc[:, idx] + self.b_enc[idx]  # dead columns only
+        pre = (x - w.b_dec) @ w.W_enc[:, idx] + w.b_enc[idx]  # dead columns only
         values, top = pre.topk(k_aux, dim=1, sorted=False)
-        recon = (values.relu().unsqueeze(2) * self.W_dec[idx][top]).sum(1)  # no b_dec
+        recon = (values.relu().unsqueeze(2) * w.W_dec[idx][top]).sum(1)  # no b_dec
         target = residual.detach()
-        total = (target - target.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-        return (recon - target).pow(2).sum() / total
+        total = (target - target.mean(0)).pow(2).sum().clamp_min(torch.finfo(target.dtype).tiny)
+        return (recon.to(target.dtype) - target).pow(2).sum() / total
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """Reconstruction, latents, FVU, AuxK loss (training only) and the dead-latent count.
-        In training mode also updates the dead-latent counters and the EMA thresholds."""
-        acts, cutoff = self._encode_with_cutoff(x)
-        sae_out = self.decode(acts)
-        residual = sae_out - x
+        """Reconstruction (x's shape), latents, FVU, AuxK loss (training only) and the dead-latent
+        count. In training mode also updates the dead-latent counters and the EMA thresholds."""
+        rows = self._rows(x)
+        amp = autocast.policy_dtype(autocast.LOWER, rows.device)
+        with autocast.suspended(rows.device):
+            out = self._forward(rows, self._weights(amp), amp)
+        return out._replace(sae_out=out.sae_out.reshape(x.shape))
+
+    def _forward(self, x: torch.Tensor, w: _Weights, amp: torch.dtype | None) -> ForwardOutput:
+        """forward on the (B, d) tokens; `amp`: the autocast dtype the encoder and decoder run in
+        (the losses are then float32 against the uncast x, as after nn.Linear layers under autocast)."""
+        acts, cutoff = self._encode_with_cutoff(autocast.cast(x, amp), w)
+        sae_out = self._decode(acts, w)
+        if amp is not None:  # the losses in float32
+            x = autocast.widen(x)
+        residual = (autocast.widen(sae_out) if amp is not None else sae_out) - x
         total_variance = (x - x.mean(0)).pow(2).sum()
         fvu = residual.pow(2).sum() / total_variance
         dead = self.num_tokens_since_fired > self.dead_tokens_threshold
         num_dead = int(dead.sum())
-        auxk = self._auxk_loss(x, -residual, dead) if self.training and num_dead else x.new_zeros(())
+        auxk = (self._auxk_loss(autocast.cast(x, amp), -residual, dead, w) if self.training and num_dead
+                else residual.new_zeros(()))
         if self.training:
             self._update_statistics(acts, cutoff, x.shape[0])
         return ForwardOutput(sae_out, acts, fvu, auxk, fvu + self.auxk_alpha * auxk, num_dead)
 
     def extra_repr(self) -> str:
         m = f", m={self.m}" if self.m is not None else ""
-        return f"d_in={self.d_in}, num_latents={self.num_latents}, routing={self.routing!r}, k={self.k}{m}"
+        k = "" if self.routing == "threshold" else f", k={self.k}"
+        return f"d_in={self.d_in}, num_latents={self.num_latents}, routing={self.routing!r}{k}{m}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core import backend
+from .._core import autocast, backend
 from .._core.checks import check_float_tensor, check_int
 from .._core.dtypes import accumulate_dtype
 from . import reference as _reference
@@ -36,6 +36,12 @@ def reference_cutoff(pre: torch.Tensor, routing: str, param: int) -> torch.Tenso
     return torch.empty(0, dtype=acc, device=pre.device)
 
 
+# Autocast: a routing selects and copies values, in pre's own dtype whatever autocast says (as
+# torch.topk does); NATIVE only suspends autocast around it.
+_NATIVE = autocast.policy(autocast.NATIVE, device="pre")
+
+
+@_NATIVE
 def topk_route(pre: torch.Tensor, k: int, *, dense: bool = False):
     """Token choice: each row keeps its k largest positive pre-activations.
 
@@ -54,6 +60,7 @@ def topk_route(pre: torch.Tensor, k: int, *, dense: bool = False):
     return route(pre, "topk", k)[0]
 
 
+@_NATIVE
 def feature_choice_route(pre: torch.Tensor, m: int) -> SparseActs:
     """Feature choice: each feature (column) keeps its m largest positive tokens of the batch.
     m = 0 keeps nothing; m >= B keeps every positive entry. Ties: smaller token first."""
@@ -61,6 +68,7 @@ def feature_choice_route(pre: torch.Tensor, m: int) -> SparseActs:
     return route(pre, "feature_choice", check_int(m, "m", 0))[0]
 
 
+@_NATIVE
 def mutual_choice_route(pre: torch.Tensor, budget: int) -> SparseActs:
     """Mutual choice (= BatchTopK): the `budget` largest positive entries of the whole (B, F)
     matrix. Ties: smaller flat index b·F + f first."""
@@ -68,6 +76,7 @@ def mutual_choice_route(pre: torch.Tensor, budget: int) -> SparseActs:
     return route(pre, "mutual_choice", check_int(budget, "budget", 0))[0]
 
 
+@_NATIVE
 def threshold_route(pre: torch.Tensor, theta) -> SparseActs:
     """Threshold (inference for the batch-dependent routings): keep pre > θ_f (and pre > 0);
     `theta` is one value per feature `(F,)` or a single global value."""

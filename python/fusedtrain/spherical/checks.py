@@ -34,9 +34,24 @@ def check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction) -> 
         raise ValueError(f"eps must be > 0 for the log-spherical softmax, got {eps}")
 
 
-def check_target_dtype(target: torch.Tensor) -> None:
-    if target.dtype != torch.int64:
+# Class indices of any integer dtype whose values int64 holds: torch's F.cross_entropy (2.14) takes
+# only int64 and uint8, but int32 (tokenizers, numpy) and the others mean the same indices, widened
+# exactly. bool is no index type; uint64 could hold values that int64 cannot.
+TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
+
+
+def check_target_dtype(target: torch.Tensor, raw: bool = False) -> None:
+    """Class indices: any of TARGET_DTYPES (`raw`: the compiled ops, which take int64 only)."""
+    if raw and target.dtype != torch.int64:
         raise TypeError(f"target must be int64 class indices, got {target.dtype}")
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"target must be integer class indices (int64, int32, int16, int8, uint8, uint16 or "
+                        f"uint32), got {target.dtype}")
+
+
+def class_indices(target: torch.Tensor) -> torch.Tensor:
+    """target as the int64 indices the compiled ops read (a copy of N integers when narrower)."""
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_logits_arguments(logits, target, kind, a, b, eps, var_eps, ignore_index, reduction) -> None:
@@ -58,8 +73,9 @@ def check_logits_arguments(logits, target, kind, a, b, eps, var_eps, ignore_inde
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
 
 
-def check_linear_arguments(input, linear_weight, target, linear_bias) -> None:
-    """The fused linear op's tensors, with torch's `F.linear_cross_entropy` argument names."""
+def check_linear_arguments(input, linear_weight, target, linear_bias, raw: bool = False) -> None:
+    """The fused linear op's tensors, with torch's `F.linear_cross_entropy` argument names (`raw`:
+    as the compiled op checks them: int64 target)."""
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         check_tensor(t, name)
     if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
@@ -68,11 +84,13 @@ def check_linear_arguments(input, linear_weight, target, linear_bias) -> None:
     if linear_weight.dim() != 2 or linear_weight.shape[0] == 0:
         raise ValueError(f"linear_weight must have shape (D, d) with D >= 1, got {tuple(linear_weight.shape)}")
     if input.dtype != linear_weight.dtype:
-        raise TypeError(f"input must have linear_weight's dtype {linear_weight.dtype}, got {input.dtype}")
+        # As F.linear outside autocast: mixed dtypes raise (inside autocast both are cast first).
+        raise TypeError(f"input must have linear_weight's dtype {linear_weight.dtype}, got {input.dtype} "
+                        f"(cast one of them, or call under torch.autocast)")
     if input.dim() < 1 or input.shape[-1] != linear_weight.shape[1]:
         raise ValueError(f"input must have shape (..., {linear_weight.shape[1]}) for linear_weight of shape "
                          f"{tuple(linear_weight.shape)}, got {tuple(input.shape)}")
-    check_target_dtype(target)
+    check_target_dtype(target, raw)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
@@ -93,7 +111,7 @@ def check_linear_arguments(input, linear_weight, target, linear_bias) -> None:
 def check_raw_logits(logits, target) -> None:
     """`torch.ops.fusedtrain.spherical_loss` / its backward: 2-D logits, (N,) int64 target."""
     check_float_tensor(logits, "logits", 2)
-    check_target_dtype(target)
+    check_target_dtype(target, raw=True)
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class (D >= 1), got shape {tuple(logits.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
@@ -118,6 +136,6 @@ def check_saved(t, name: str, shape: tuple, dtype: torch.dtype) -> None:
 
 def check_raw_linear(input, linear_weight, linear_bias, target) -> None:
     """`torch.ops.fusedtrain.linear_spherical_loss` and its backward: input 2-D (N, d)."""
-    check_linear_arguments(input, linear_weight, target, linear_bias)
+    check_linear_arguments(input, linear_weight, target, linear_bias, raw=True)
     if input.dim() != 2:
         raise ValueError(f"input must be 2-D (N, d), got shape {tuple(input.shape)}")

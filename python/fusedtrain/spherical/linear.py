@@ -17,11 +17,16 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from .._core import backend
+from .._core import autocast, backend
 from .._core.dtypes import accumulate_dtype
 from . import linear_reference as _reference
 from .checks import (DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters,
-                     check_linear_arguments, check_saved)
+                     check_linear_arguments, check_saved, class_indices)
+
+# Autocast (docs/spherical.md, "Mixed precision"): like F.linear, the activations, weight and bias are
+# cast to the autocast dtype, so the kernels run their bf16/fp16 GEMMs with fp32 accumulation; the
+# loss comes back as float32, like F.linear_cross_entropy's under autocast.
+_LOWER = dict(device="linear_weight", cast_args=("input", "linear_weight", "linear_bias"))
 
 __all__ = ["LinearStats", "TopK", "linear_spherical_stats", "linear_spherical_loss", "linear_topk"]
 
@@ -29,12 +34,14 @@ LinearStats = collections.namedtuple("LinearStats", ["gram", "colsum"])
 TopK = collections.namedtuple("TopK", ["values", "indices"])
 
 
+@autocast.policy(autocast.LOWER, device="linear_weight", cast_args=("linear_weight", "linear_bias"))
 def linear_spherical_stats(linear_weight: torch.Tensor, linear_bias: torch.Tensor | None = None) -> LinearStats:
     """The statistics of the augmented weight W' = [W | bias] (d' = d + 1 with a bias, else d) that
     the fused loss reads: `gram`, its centered Gram matrix Σ_k (W'_k − m)(W'_k − m)ᵀ about the mean
     row m (d', d'), and `colsum`, its column sums (d',); fp32 (fp64 for fp64 weights). Centered, so
     a row's spread Σ(o_k − mean)² comes without cancellation when the logits share a large offset.
-    Not differentiable: the loss's backward accounts for the weight's role in them."""
+    Not differentiable: the loss's backward accounts for the weight's role in them. Under autocast,
+    those of the weight cast to the autocast dtype (the weight the loss then reads)."""
     if not backend.use_kernel("linear_spherical_loss", linear_weight.device):
         w = linear_weight.detach()
         if linear_bias is not None:
@@ -60,6 +67,7 @@ def check_stats(stats, linear_weight: torch.Tensor, linear_bias: torch.Tensor | 
             raise ValueError(f"{name} is on {t.device} but linear_weight is on {linear_weight.device}")
 
 
+@autocast.policy(autocast.LOWER, loss=True, **_LOWER)
 def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                           linear_bias: torch.Tensor | None = None, kind: str = "z",
                           a: float = DEFAULT_A, b: float = DEFAULT_B,
@@ -69,7 +77,7 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
     """Spherical-family loss of the logits `input @ linear_weight.T + linear_bias`, without forming them.
 
     Arguments as `torch.nn.functional.linear_cross_entropy` (input (..., d), linear_weight (D, d),
-    target (...) int64, optional linear_bias (D,)) and as :func:`fusedtrain.spherical_loss` (kind,
+    target (...) of integer class indices, optional linear_bias (D,)) and as :func:`fusedtrain.spherical_loss` (kind,
     a, b, eps, var_eps, ignore_index, reduction, check_target). Gradients flow to input,
     linear_weight and linear_bias.
 
@@ -80,10 +88,12 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
     Numerics: statistics and products accumulate in fp32 (fp64 for fp64). The row spread comes from
     the centered Gram matrix, so a large common offset of the logits costs the loss no precision;
     the gradients' `W·M + 1·aᵀ` still cancels by about offset/spread, as any factored form must
-    (figures in docs/spherical.md, "Numerics").
+    (figures in docs/spherical.md, "Numerics"). Under torch.autocast input, weight and bias are cast
+    to the autocast dtype (as F.linear) and the loss comes back as float32.
     """
     check_linear_arguments(input, linear_weight, target, linear_bias)
     check_hyperparameters(kind, a, b, eps, var_eps, ignore_index, reduction)
+    target = class_indices(target)
     if not backend.use_kernel("linear_spherical_loss", linear_weight.device):
         return _reference.linear_spherical_loss(input, linear_weight, target, linear_bias=linear_bias,
                                                 kind=kind, a=a, b=b, eps=eps, var_eps=var_eps,
@@ -102,13 +112,15 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 
+@autocast.policy(autocast.LOWER, **_LOWER)
 def linear_topk(input: torch.Tensor, linear_weight: torch.Tensor, k: int, *,
                 linear_bias: torch.Tensor | None = None, chunk: int = 8192) -> TopK:
     """The k largest logits of `input @ linear_weight.T + linear_bias` per row, largest first, and their
     class indices, for evaluation (no gradient). Streams over `chunk` classes at a time: memory is
     O(N·(chunk + k)), never the N x D logits. bf16/fp16 logits are formed in fp32 (a chunk of the
     weight upcast at a time) so that rounding does not create ties; the values come back in the
-    input's dtype. Ties between equal logits resolve in any order."""
+    input's dtype (under autocast: the autocast dtype, as F.linear's logits). Ties between equal
+    logits resolve in any order."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .._core import autocast
 from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
 from .linear import LinearStats, TopK, linear_spherical_loss, linear_spherical_stats, linear_topk
 from .ops import spherical_loss
@@ -90,9 +91,12 @@ def _same_key(a: tuple, b: tuple | None) -> bool:
 class SphericalHead(LinearSphericalLoss):
     """A classifier head `o = W·h + bias` trained with a spherical loss through the fused op.
 
-    `head(h, target)` returns the loss; `head.logits(h)` and `head.topk(h, k)` evaluate. The weight's
-    Gram matrix and column sums are cached and reused while `weight` and `bias` are unchanged, so
-    gradient-accumulation micro-batches and evaluation compute them once per optimizer step.
+    `head(h, target)` returns the loss (float32 under torch.autocast); `head(h)` without a target
+    returns the logits `F.linear(h, weight, bias)`, as the `nn.Linear` it replaces would (the same
+    as `head.logits(h)`); `head.topk(h, k)` gives the k best classes without forming the logits.
+    The weight's Gram matrix and column sums are cached and reused while `weight` and `bias` are
+    unchanged, so gradient-accumulation micro-batches and evaluation compute them once per
+    optimizer step (under autocast: those of the weight cast to the autocast dtype, cached apart).
 
     "Unchanged" is decided per call from the tensors' storage, layout and version (an optimizer's
     in-place step, `load_state_dict` and in-place ops under `no_grad` bump the version; `.data = ...`
@@ -114,7 +118,7 @@ class SphericalHead(LinearSphericalLoss):
         self.bias = layer.bias
         self.in_features, self.num_classes = in_features, num_classes
         self._stats: LinearStats | None = None
-        self._stats_key = None
+        self._stats_key = self._stats_dtype = None
 
     def _key(self) -> tuple:
         return tuple(_tensor_key(t, self.detect_data_writes) for t in (self.weight, self.bias))
@@ -122,21 +126,27 @@ class SphericalHead(LinearSphericalLoss):
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
         key = self._key()
-        if self._stats is None or not _same_key(key, self._stats_key):
+        # Inside autocast the loss reads the weight cast to the autocast dtype: its own statistics.
+        dtype = autocast.policy_dtype(autocast.LOWER, self.weight.device)
+        if self._stats is None or dtype != self._stats_dtype or not _same_key(key, self._stats_key):
             self._stats = linear_spherical_stats(self.weight, self.bias)
-            self._stats_key = key
+            self._stats_key, self._stats_dtype = key, dtype
         return self._stats
 
     def invalidate_stats(self) -> None:
         """Drop the cached statistics: the next call recomputes them."""
         self._stats = self._stats_key = None
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss against `target`; without a target, the logits (as `self.logits(input)`)."""
+        if target is None:
+            return self.logits(input)
         stats = None if torch.compiler.is_compiling() else self.stats()
         return linear_spherical_loss(input, self.weight, target, linear_bias=self.bias, stats=stats,
                                      **self._loss_kwargs())
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
+        """`F.linear(input, weight, bias)`: the N x D logits (evaluation, export, a softmax)."""
         return F.linear(input, self.weight, self.bias)
 
     def topk(self, input: torch.Tensor, k: int, *, chunk: int = 8192) -> TopK:

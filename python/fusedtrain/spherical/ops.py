@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import torch
 
-from .._core import backend
+from .._core import autocast, backend
 from . import reference as _reference
-from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_logits_arguments
+from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_logits_arguments, class_indices
 
 
+# Autocast: the kernel reads bf16/fp16 logits with fp32 arithmetic already, so they are not copied
+# to fp32 first (F.cross_entropy's policy would); the loss comes back as float32 (docs/spherical.md).
+@autocast.policy(autocast.NATIVE, device="logits", loss=True)
 def spherical_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "z", *,
                    a: float = DEFAULT_A, b: float = DEFAULT_B, eps: float = DEFAULT_EPS,
                    var_eps: float = DEFAULT_VAR_EPS, ignore_index: int = -100,
                    reduction: str = "mean", check_target: bool = True) -> torch.Tensor:
-    """Spherical-family loss of `logits` (N, D) against int64 class indices `target` (N,).
+    """Spherical-family loss of `logits` (N, D) against integer class indices `target` (N,).
 
     A drop-in for `F.cross_entropy(logits, target, ignore_index=..., reduction=...)` that needs no
     softmax: its cost is one read of the logits (plus one write of their gradient).
@@ -30,12 +33,14 @@ def spherical_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "z", 
       "spherical" (log-spherical softmax, `eps` > 0), "taylor" (log-Taylor softmax), "mse".
     logits (N, D, d1, ...) with target (N, d1, ...) is accepted like `F.cross_entropy` (via a
       transposed copy). float32, float64, bfloat16 and float16; statistics accumulate in fp32
-      (fp64 for fp64 input); the loss has the logits' dtype.
+      (fp64 for fp64 input); the loss has the logits' dtype, float32 under torch.autocast.
+    target: int64, or any integer dtype int64 holds (int32, int16, int8, uint8, uint16, uint32).
     check_target: raise on class indices outside [0, D) that are not `ignore_index`. On CUDA this
       reads one flag back from the device (a sync); pass False to skip it (CUDA graphs), in which case
       such rows give NaN loss and NaN gradient instead of an exception.
     """
     check_logits_arguments(logits, target, kind, a, b, eps, var_eps, ignore_index, reduction)
+    target = class_indices(target)
     if not backend.use_kernel("spherical_loss", logits.device):
         return _reference.spherical_loss(logits, target, kind, a=a, b=b, eps=eps, var_eps=var_eps,
                                          ignore_index=ignore_index, reduction=reduction)

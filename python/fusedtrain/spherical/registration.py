@@ -21,9 +21,10 @@ def _fake_spherical_loss(logits, target, kind, a, b, eps, var_eps, ignore_index,
     if compute_grad and reduction == "none":
         raise ValueError("compute_grad=True needs reduction 'mean' or 'sum', got reduction='none'")
     n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == "none" else ())
+    acc = accumulate_dtype(logits.dtype)
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=acc)  # the Python layer casts it
     grad = logits.new_empty(logits.shape if compute_grad else (0,))
-    coef = logits.new_empty((n, 4), dtype=accumulate_dtype(logits.dtype))
+    coef = logits.new_empty((n, 4), dtype=acc)
     return loss, grad, coef
 
 
@@ -92,7 +93,7 @@ def _fake_linear_loss(input, linear_weight, linear_bias, target, gram, colsum, k
     acc = accumulate_dtype(input.dtype)
     check_saved(gram, "gram", (dp, dp), acc)
     check_saved(colsum, "colsum", (dp,), acc)
-    loss = input.new_empty((n,) if reduction == "none" else ())
+    loss = input.new_empty((n,) if reduction == "none" else (), dtype=acc)  # the Python layer casts it
     return loss, input.new_empty((n, 3), dtype=acc), input.new_empty((n, dp), dtype=acc)
 
 
