@@ -109,10 +109,10 @@ def _fsdp_runs(rank, world, seed, rng_seed):
         step_all(model, opt, grads, _shard_like)
         out[name] = _full(model)
         if name in ("columns", "block", "svd"):  # the moments are DTensors placed like their param
-            states = [opt.state[p] for p in model.parameters() if "exp_avg" in opt.state[p]]
-            out[f"{name}_placed"] = bool(states) and all(
-                isinstance(s[k], DTensor) and s[k].placements == p.placements
-                for p in model.parameters() for s in [opt.state[p]] if "exp_avg" in s for k in ("exp_avg", "exp_avg_sq"))
+            moments = [(opt.state[p][key], p) for p in model.parameters() if "exp_avg" in opt.state[p]
+                       for key in ("exp_avg", "exp_avg_sq")]
+            out[f"{name}_placed"] = bool(moments) and all(
+                isinstance(m, DTensor) and m.placements == p.placements for m, p in moments)
     return out
 
 
