@@ -36,8 +36,8 @@ class FRUGALBase(torch.optim.Optimizer):
                         weight_decay=weight_decay, density=density, proj=proj, update_gap=update_gap,
                         reset_state=reset_state, free_update=free_update, free_lr_scale=free_lr_scale,
                         block_order=block_order)
-        if seed is None:  # drawn from torch's global generator: torch.manual_seed makes runs repeatable;
-            seed = shared_seed()  # under a process group, rank 0's draw for all (a collective)
+        if seed is None:  # drawn from torch's global generator: torch.manual_seed makes runs repeatable
+            seed = shared_seed()  # under a process group: rank 0's draw, broadcast (a collective)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes

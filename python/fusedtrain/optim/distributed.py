@@ -200,6 +200,9 @@ def prepare_shard(opt, p, group: dict) -> dict:
     local = p.to_local()  # under no_grad: the shard itself, updated in place
     grad = p.grad.to_local()
     grad = grad if grad.is_contiguous() else grad.contiguous()
+    maximize = group.get("maximize", False)
+    if maximize:  # FRUGAL on −g, as FRUGALBase._prepare does
+        grad = -grad
     empty, no_indices = opt._empties(local)
     work = dict(params=local, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
                 residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)
@@ -232,7 +235,7 @@ def prepare_shard(opt, p, group: dict) -> dict:
     elif proj == "rows":
         _prepare_rows(opt, p, local, state, group, refresh, work)
     elif proj in ("svd", "random"):
-        _prepare_low_rank(opt, p, local, grad, state, group, refresh, work)
+        _prepare_low_rank(opt, p, local, grad, state, group, refresh, work, maximize)
     return work
 
 
@@ -258,7 +261,7 @@ def _prepare_rows(opt, p, local, state, group, refresh, work) -> None:
                     indices=local_indices, steps=state["adam_step"])
 
 
-def _prepare_low_rank(opt, p, local, grad, state, group, refresh, work) -> None:
+def _prepare_low_rank(opt, p, local, grad, state, group, refresh, work, maximize) -> None:
     """svd/random on a shard. Right basis (rows >= cols, cols × r): replicated, the projection is
     local (rows are independent). Left basis (rows × r): sharded like p; Pᵀ·G sums over the shards
     (an all-reduce of r × cols) and the direction's shards are gathered (an all-gather)."""
@@ -271,7 +274,8 @@ def _prepare_low_rank(opt, p, local, grad, state, group, refresh, work) -> None:
     G = grad.reshape(stop - start, cols)
     if refresh:
         if group["proj"] == "svd":  # from the full gradient, as in one process: an all-gather
-            basis = svd_basis(p.grad.full_tensor().reshape(rows, cols), r, right)
+            full = p.grad.full_tensor().reshape(rows, cols)
+            basis = svd_basis(-full if maximize else full, r, right)
         else:
             basis = random_basis(cols if right else rows, r, opt._generator, accumulate_dtype(p.dtype))
         basis = basis.to(device=local.device, dtype=p.dtype)
