@@ -24,7 +24,7 @@ from fusedtrain.optim import FRUGAL
 
 # Uneven under 2 and 3 ranks; (2, 9) leaves rank 2 of 3 an empty shard; (5, 12) takes the left
 # (row-side) basis of svd/random, the others the right one; (6, 2, 3) is viewed as 6 × 6.
-SHAPES = {"a": (7, 10), "b": (10, 5), "c": (5, 12), "d": (6, 2, 3), "e": (2, 9), "bias": (7,)}
+SHAPES = {"a": (7, 10), "b": (10, 5), "c": (5, 12), "d": (6, 2, 3), "e": (2, 9), "f": (9, 4), "bias": (7,)}
 STEPS = 7  # refreshes at steps 0, 3, 6 (update_gap 3)
 BASE = dict(lr=1e-2, weight_decay=0.1, density=0.4, update_gap=3)
 CONFIGS = {
@@ -56,7 +56,8 @@ def gradients(seed: int, steps: int) -> list[dict]:
 def checkpoint_groups(model) -> list[dict]:
     """Every kind in one optimizer: the checkpoint carries them all (and one shared generator)."""
     return [{"params": [model.a], "proj": "columns"},
-            {"params": [model.b, model.d], "proj": "rows", "reset_state": False},
+            {"params": [model.b], "proj": "rows", "reset_state": False},
+            {"params": [model.d, model.f], "proj": "block", "density": 0.5},
             {"params": [model.c], "proj": "svd"},
             {"params": [model.e, model.bias], "proj": "random"}]
 
@@ -239,7 +240,7 @@ def _check_checkpoint(results: list, seed: int, rng_seed: int, folder: str) -> N
     for how, load in (("full state dict", load_full), ("distributed checkpoint", load_dcp)):
         resumed = _resume_one_process(load, seed, rng_seed)
         for key, want in end.items():  # P = 2 continued: the same maths; svd/random's sums in another order
-            tol = 0.0 if key in ("a", "b", "d") else LOW_RANK_TOL * want.abs().max().item()
+            tol = 0.0 if key in ("a", "b", "d", "f", "bias") else LOW_RANK_TOL * want.abs().max().item()
             assert (resumed[key] - want).abs().max().item() <= tol, f"{how}: param {key}"
 
 
