@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -125,6 +126,9 @@ def main() -> None:
     train(forward2, opt2, range(half, args.steps), device)
     same = all(torch.equal(a, b) for a, b in zip(final, parameters(model2)))
     say(f"resumed from {folder} at step {half}: bitwise equal at step {args.steps}: {'yes' if same else 'NO'}")
+    dist.barrier()
+    if rank == 0 and args.checkpoint is None:
+        shutil.rmtree(folder)  # the temporary one
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)
