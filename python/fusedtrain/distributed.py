@@ -14,3 +14,6 @@ __all__: list = []
 # --- sae (latent sharding) ---
 
 # --- optim (FRUGAL seeds and FSDP2) ---
+from .optim.distributed import shared_seed  # noqa: E402
+
+__all__ += ["shared_seed"]

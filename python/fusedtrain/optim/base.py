@@ -9,6 +9,7 @@ import torch
 
 from .._core.dtypes import accumulate_dtype
 from .._core.autocast import suspended
+from .distributed import export_sharded_state, is_sharded, prepare_shard, shared_seed
 from .options import FLAGS, check_group, check_options
 from .state import check_state_dict
 from .subspace import (COLUMNS, DENSE, FREE, RESIDUAL, ROWS,
@@ -47,7 +48,7 @@ class FRUGALBase(torch.optim.Optimizer):
                         reset_state=reset_state, free_update=free_update, free_lr_scale=free_lr_scale,
                         block_order=block_order, maximize=maximize, foreach=foreach, fused=fused)
         if seed is None:  # drawn from torch's global generator: torch.manual_seed makes runs repeatable
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+            seed = shared_seed()  # under a process group: rank 0's draw, broadcast (a collective)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
@@ -72,14 +73,25 @@ class FRUGALBase(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["frugal_generator"] = self._generator.get_state()
-        return state
+        # The generator rides in every param group, as bytes: torch.distributed.checkpoint's
+        # get/set_optimizer_state_dict keep only "state" and "param_groups", and a CPU tensor there
+        # would clash with the moments' device.
+        generator = self._generator.get_state().numpy().tobytes()
+        for group in state["param_groups"]:
+            group["frugal_generator"] = generator
+        return export_sharded_state(self, state)  # sharded params' rows moments (a collective)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Checked before anything is loaded: a bad state dict leaves the optimizer as it was.
         check_state_dict(state_dict, self.param_groups)
         state_dict = dict(state_dict)
-        generator = state_dict.pop("frugal_generator", None)
+        generator = state_dict.pop("frugal_generator", None)  # where older state dicts kept it
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        for group in groups:
+            generator = group.pop("frugal_generator", generator)
+        state_dict["param_groups"] = groups
+        if isinstance(generator, bytes):
+            generator = torch.frombuffer(bytearray(generator), dtype=torch.uint8)
         # torch casts every state tensor of a floating param to the param's dtype: the int32
         # indices are set aside and restored as they are (only moved to the param's device).
         indices = {pid: s["indices"] for pid, s in state_dict["state"].items() if "indices" in s}
@@ -191,6 +203,8 @@ class FRUGALBase(torch.optim.Optimizer):
 
     def _prepare(self, p: torch.Tensor, group: dict) -> dict:
         """This step's work for param p (an entry of each of the fused op's lists)."""
+        if is_sharded(p):  # a DTensor (FSDP2): the step runs on this rank's shard
+            return prepare_shard(self, p, group)
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
