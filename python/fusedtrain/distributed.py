@@ -10,6 +10,9 @@ __all__: list = []
 # --- spherical (vocab-parallel fused linear loss) ---
 
 # --- mining (DistributedLossWrapper) ---
+from .mining import DistributedLossWrapper  # noqa: E402
+
+__all__ += ["DistributedLossWrapper"]
 
 # --- sae (latent sharding) ---
 
