@@ -154,7 +154,7 @@ class LatentShardedSparseAutoencoder(SparseAutoencoder):
 
     def _gather(self, *columns: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """Columns of entries (each 1-D, one length) of every rank in rank order, as float64 (exact
-        for values and for indices below 2**53), and where this rank's entries start."""
+        for values and for flat indices b·F + f below 2**53), and where this rank's entries start."""
         packed = torch.stack([c.detach().double() for c in columns], 1)
         sizes = all_gather_sizes(packed.shape[0], self.process_group, packed.device)
         with torch.no_grad():
@@ -172,13 +172,14 @@ class LatentShardedSparseAutoencoder(SparseAutoencoder):
         local_param = min(param, self.num_local_latents) if self.routing == "topk" else param
         acts, local_cut = encode_with_cutoff(x, self.W_enc, self.b_enc, b_dec, self.routing, local_param)
         token, feature, n = acts.token(), acts.feature + self.latent_offset, acts.value.numel()
+        # Candidates travel as (value, flat index b·F + f): 16 bytes each.
+        (value, flat), start = self._gather(acts.value, token * self.num_latents + feature)
+        flat = flat.long()
         if self.routing == "topk":
-            (value, key, group), start = self._gather(acts.value, feature, token)
-            keep = _keep_top_per_group(value, key.long(), group.long(), param)
+            keep = _keep_top_per_group(value, flat, flat // self.num_latents, param)
             return _subset(acts, keep[start:start + n], B), None
-        (value, key), start = self._gather(acts.value, token * self.num_latents + feature)
         keep = torch.zeros_like(value, dtype=torch.bool)
-        keep[_best_first(value, key.long())[:param]] = True
+        keep[_best_first(value, flat)[:param]] = True
         # The best positive value rejected globally is among the candidates and the ranks' own cutoffs.
         cuts = all_gather_rows(local_cut.detach().double().reshape(1), self.process_group, [1] * self.shard_count)
         pool = torch.cat([value, cuts])
@@ -240,8 +241,9 @@ class LatentShardedSparseAutoencoder(SparseAutoencoder):
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(top.shape[1])
         feature, values = idx[top].reshape(-1), values.reshape(-1)
         if self.shard_count > 1:
-            (value_all, key, group), start = self._gather(values, feature + self.latent_offset, token)
-            keep = _keep_top_per_group(value_all, key.long(), group.long(), k_aux)[start:start + values.numel()]
+            (value_all, flat), start = self._gather(values, token * self.num_latents + feature + self.latent_offset)
+            flat = flat.long()
+            keep = _keep_top_per_group(value_all, flat, flat // self.num_latents, k_aux)[start:start + values.numel()]
             token, feature, values = token[keep], feature[keep], values[keep]
         recon = x.new_zeros(x.shape).index_add(0, token, values.relu().unsqueeze(1) * self.W_dec[feature])
         recon = self._sum_over(recon, "process_group")  # no b_dec
