@@ -15,5 +15,8 @@ from .mining import DistributedLossWrapper  # noqa: E402
 __all__ += ["DistributedLossWrapper"]
 
 # --- sae (latent sharding) ---
+from .sae import LatentShardedSparseAutoencoder  # noqa: E402  (made by SparseAutoencoder(..., process_group=g))
+
+__all__ += ["LatentShardedSparseAutoencoder"]
 
 # --- optim (FRUGAL seeds and FSDP2) ---

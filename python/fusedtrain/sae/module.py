@@ -44,6 +44,10 @@ class SparseAutoencoder(nn.Module):
     m = ceil(k·B/F) tokens, or the `m` given), "mutual_choice" (the k·B best entries of the batch).
     AuxK (Gao et al.): latents that fired on none of the last `dead_tokens_threshold` tokens are
     dead; the top `k_aux` (default d/2) of them reconstruct the detached residual, weight `auxk_alpha`.
+
+    process_group (a torch.distributed group): the latents are split over its ranks, see
+    `sae.sharded.LatentShardedSparseAutoencoder` (the object made); data_parallel_group: replicas
+    that keep one set of dead-latent counters and thresholds.
     """
 
     # process_group / data_parallel_group (torch.distributed groups) make the latent-sharded module
