@@ -89,6 +89,32 @@ def _ranks(rank, world_size):
             grads.append(e.grad)
             values.append(value.detach())
         out[name] = (values, grads, cbm.embedding_memory.clone(), cbm.label_memory.clone())
+    # A build without the compiled kernels (the reference ops; counts from the dense masks).
+    import fusedtrain._core.backend as backend
+    use_kernel, backend.use_kernel = backend.use_kernel, lambda *args: False
+    try:
+        e = _slice(emb, sizes, rank).clone().requires_grad_()
+        value = DistributedLossWrapper(*_configs()["ms+ms_miner"])(e, _slice(labels, sizes, rank))
+        value.backward()
+        out["reference_build"] = (value.detach(), e.grad)
+    finally:
+        backend.use_kernel = use_kernel
+    # The shared gather's backward without a reduce-scatter (gloo builds that lack it): all-reduce path.
+    import fusedtrain._core.distributed as core
+    x = _slice(emb, sizes, rank).clone().requires_grad_()
+    (core.all_gather_rows(x) ** 2).sum().backward()
+    def refuse(*args, **kwargs):
+        raise RuntimeError("reduce_scatter is not supported")
+    saved = {n: getattr(core.dist, n) for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(core.dist, n)}
+    for n in saved:
+        setattr(core.dist, n, refuse)
+    try:
+        y = x.detach().clone().requires_grad_()
+        (core.all_gather_rows(y) ** 2).sum().backward()
+    finally:
+        for n, f in saved.items():
+            setattr(core.dist, n, f)
+    out["gather"] = (x.grad, y.grad, x.detach())
     # The acceptance run: DDP over a linear model, MS loss + MS miner, 3 SGD steps.
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(D_IN, D).double())
@@ -110,6 +136,7 @@ def test_wrapper_equals_single_process(world_size):
     results = run_on_ranks(_ranks, world_size)  # one spawn: every check below
     _check_losses(results, world_size)
     _check_cross_batch_memory(results, world_size)
+    _check_gather(results, world_size)
     _check_ddp(results, world_size)
 
 
@@ -122,6 +149,12 @@ def _check_losses(results, world_size):
         single.backward()
         assert single.item() != 0 and e.grad.abs().sum() > 0, name  # the comparison must mean something
         _check_share([r[name][0] for r in results], [r[name][1] for r in results], single, e.grad, world_size)
+
+    e = emb.clone().requires_grad_()
+    single = _single("ms+ms_miner", e, labels)
+    single.backward()
+    _check_share([x["reference_build"][0] for x in results], [x["reference_build"][1] for x in results], single,
+                 e.grad, world_size)
 
     ref_emb, ref_labels = _batch(1, 3 * world_size)
     e, r = emb.clone().requires_grad_(), ref_emb.clone().requires_grad_()
@@ -155,6 +188,12 @@ def _check_cross_batch_memory(results, world_size):
             torch.testing.assert_close(r[name][2], cbm.embedding_memory, rtol=0, atol=0)
             assert torch.equal(r[name][3], cbm.label_memory)
 
+
+
+def _check_gather(results, world_size):
+    for grad, fallback_grad, x in (r["gather"] for r in results):
+        torch.testing.assert_close(grad, 2 * world_size * x, rtol=1e-14, atol=0)  # P ranks' losses each use x
+        torch.testing.assert_close(fallback_grad, grad, rtol=1e-14, atol=0)
 
 
 def _check_ddp(results, world_size):
