@@ -56,7 +56,8 @@ def main() -> None:
         if rank == 0 and step % 5 == 0:
             print(f"step {step:3d}  loss {logged.item() / P:.6f}")
     if rank == 0:
-        opt1, loss1, miner1 = torch.optim.SGD(single.parameters(), lr=0.1), MultiSimilarityLoss(), MultiSimilarityMiner(0.1)
+        opt1 = torch.optim.SGD(single.parameters(), lr=0.1)
+        loss1, miner1 = MultiSimilarityLoss(), MultiSimilarityMiner(0.1)
         for step in range(args.steps):
             x, labels = global_batch(step, B, classes, d_in, centres)
             opt1.zero_grad()

@@ -105,7 +105,8 @@ def _ranks(rank, world_size):
     (core.all_gather_rows(x) ** 2).sum().backward()
     def refuse(*args, **kwargs):
         raise RuntimeError("reduce_scatter is not supported")
-    saved = {n: getattr(core.dist, n) for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(core.dist, n)}
+    names = ("reduce_scatter_single", "reduce_scatter_tensor")
+    saved = {n: getattr(core.dist, n) for n in names if hasattr(core.dist, n)}
     for n in saved:
         setattr(core.dist, n, refuse)
     try:

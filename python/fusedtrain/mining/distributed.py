@@ -127,7 +127,8 @@ class DistributedLossWrapper(torch.nn.Module):
     def _gather_reference(self, embeddings, labels, ref_emb, ref_labels):
         check_embeddings("ref_emb", ref_emb)
         if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"ref_emb must have {embeddings.shape[1]} columns like embeddings, got {tuple(ref_emb.shape)}")
+            raise ValueError(f"ref_emb must have {embeddings.shape[1]} columns like embeddings, "
+                             f"got {tuple(ref_emb.shape)}")
         ref_labels = check_labels("ref_labels", labels if ref_labels is None else ref_labels, ref_emb.shape[0],
                                   "ref_emb", embeddings.device)
         sizes = all_gather_sizes(ref_emb.shape[0], self.process_group, embeddings.device)
