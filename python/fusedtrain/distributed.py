@@ -10,8 +10,14 @@ __all__: list = []
 # --- spherical (vocab-parallel fused linear loss) ---
 
 # --- mining (DistributedLossWrapper) ---
+from .mining import DistributedLossWrapper  # noqa: E402
+
+__all__ += ["DistributedLossWrapper"]
 
 # --- sae (latent sharding) ---
+from .sae import LatentShardedSparseAutoencoder  # noqa: E402  (made by SparseAutoencoder(..., process_group=g))
+
+__all__ += ["LatentShardedSparseAutoencoder"]
 
 # --- optim (FRUGAL seeds and FSDP2) ---
 from .optim.distributed import shared_seed  # noqa: E402

@@ -4,9 +4,10 @@
 Functional ops (`multi_similarity_loss`, `multi_similarity_mine`, `pair_margin_mine`, `batch_hard_mine`,
 `tcm_loss`) and pytorch-metric-learning-compatible classes (`MultiSimilarityMiner`,
 `MultiSimilarityLoss`, `BatchHardMiner`, `PairMarginMiner`, `ThresholdConsistentMarginLoss`,
-`CrossBatchMemory`).
+`CrossBatchMemory`); `DistributedLossWrapper` runs them over the batches of all ranks (docs/distributed.md).
 """
 from . import registration  # noqa: F401  (attaches fake kernels and autograd to the compiled ops)
+from .distributed import DistributedLossWrapper
 from .ops import (batch_hard_mine, multi_similarity_loss, multi_similarity_loss_with_stats, multi_similarity_mine,
                   pair_margin_mine, tcm_loss)
 from .pml import (BatchHardMiner, CrossBatchMemory, MinedPairs, MultiSimilarityLoss, MultiSimilarityMiner,
@@ -14,4 +15,4 @@ from .pml import (BatchHardMiner, CrossBatchMemory, MinedPairs, MultiSimilarityL
 
 __all__ = ["multi_similarity_loss", "multi_similarity_mine", "pair_margin_mine", "batch_hard_mine", "tcm_loss",
            "MultiSimilarityMiner", "MinedPairs", "MultiSimilarityLoss", "BatchHardMiner", "PairMarginMiner",
-           "ThresholdConsistentMarginLoss", "CrossBatchMemory"]
+           "ThresholdConsistentMarginLoss", "CrossBatchMemory", "DistributedLossWrapper"]

@@ -10,13 +10,16 @@ backward needs only the kept entries (`dW_enc`, `db_enc`, `dx` are sparse-dense 
 per feature in a fixed order), so the B x F matrix is never kept and no dense B x F gradient is made.
 :func:`sparse_decode` gathers decoder rows with fp32 accumulation; its backward computes `dvalue` as
 dot products at the kept entries only and `dW_dec` per feature (deterministic).
+`SparseAutoencoder(..., process_group=g)` splits the latents over the ranks of `g` (sharded.py).
 """
 from . import registration  # noqa: F401  (attaches fake kernels and autograd to the compiled ops)
 from .checks import ROUTINGS
 from .codec import sae_encode, sparse_decode
 from .module import ForwardOutput, SparseAutoencoder
+from .sharded import LatentShardedSparseAutoencoder  # also registers it: SparseAutoencoder(..., process_group=g)
 from .routing import feature_choice_route, mutual_choice_route, threshold_route, topk_route
 from .types import SparseActs, TopKOutput
 
 __all__ = ["ROUTINGS", "SparseActs", "TopKOutput", "topk_route", "feature_choice_route", "mutual_choice_route",
-           "threshold_route", "sae_encode", "sparse_decode", "SparseAutoencoder", "ForwardOutput"]
+           "threshold_route", "sae_encode", "sparse_decode", "SparseAutoencoder", "ForwardOutput",
+           "LatentShardedSparseAutoencoder"]

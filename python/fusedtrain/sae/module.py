@@ -66,12 +66,26 @@ class SparseAutoencoder(nn.Module):
     unused).
     AuxK (Gao et al.): latents that fired on none of the last `dead_tokens_threshold` tokens are
     dead; the top `k_aux` (default d/2) of them reconstruct the detached residual, weight `auxk_alpha`.
+
+    process_group (a torch.distributed group): the latents are split over its ranks, see
+    `sae.sharded.LatentShardedSparseAutoencoder` (the object made); data_parallel_group: replicas
+    that keep one set of dead-latent counters and thresholds.
     """
+
+    # process_group / data_parallel_group (torch.distributed groups) make the latent-sharded module
+    # of sae/sharded.py, which registers itself here (module.py cannot import it: it subclasses this).
+    _latent_sharded_class = None
+
+    def __new__(cls, *args, process_group=None, data_parallel_group=None, **kwargs):
+        if cls is SparseAutoencoder and (process_group is not None or data_parallel_group is not None):
+            cls = SparseAutoencoder._latent_sharded_class
+        return super().__new__(cls)
 
     def __init__(self, d_in: int, num_latents: int, routing: str = "topk", k: int = 32, *,
                  m: int | None = None, k_aux: int | None = None, auxk_alpha: float = 1 / 32,
                  dead_tokens_threshold: int = 10_000_000, threshold_decay: float = 0.99,
-                 use_threshold: bool = True, theta=None, device=None, dtype=None) -> None:
+                 use_threshold: bool = True, theta=None, device=None, dtype=None,
+                 process_group=None, data_parallel_group=None) -> None:
         super().__init__()
         check_int(d_in, "d_in", 1)
         check_int(num_latents, "num_latents", 1)
