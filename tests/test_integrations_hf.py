@@ -196,6 +196,9 @@ def test_refusals_name_the_problem():
     assert not is_patched(model)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         apply_spherical_loss(nn.Linear(2, 2))
+    model.loss_type = "ForMaskedLM"
+    with pytest.raises(ValueError, match="not ForCausalLMLoss"):
+        apply_spherical_loss(model)
     gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, bos_token_id=0, eos_token_id=0, pad_token_id=0))

@@ -84,7 +84,7 @@ def _check_model(model) -> nn.Linear:
     """The model's output embedding, after checking that the fused op computes its loss."""
     _require_transformers()
     from transformers import PreTrainedModel
-    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel (a causal LM), got {type(model).__name__}")
@@ -98,7 +98,9 @@ def _check_model(model) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embedding must be an nn.Linear (a causal LM head), got "
                         f"{type(head).__name__}")
-    loss_function = model.loss_function
+    # model.loss_function without its warning for loss_type None (which also means ForCausalLMLoss)
+    loss_function = getattr(model, "_loss_function", None) or LOSS_MAPPING.get(getattr(model, "loss_type", None),
+                                                                              ForCausalLMLoss)
     if loss_function is not ForCausalLMLoss:
         raise ValueError(f"{type(model).__name__}'s loss is {getattr(loss_function, '__name__', loss_function)}, "
                          f"not ForCausalLMLoss: apply_spherical_loss replaces only the causal-LM cross-entropy")
