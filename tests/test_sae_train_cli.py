@@ -93,17 +93,20 @@ def test_find_hookpoint_errors_name_the_option(model_folder):
     assert find_hookpoint(model, hookpoint="norm")[0] == "norm"
 
 
-def test_sae_train_writes_a_trained_sae(model_folder, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("routing", ["topk", "mutual_choice"])
+def test_sae_train_writes_a_trained_sae(model_folder, text_file, tmp_path, capsys, routing):
     out = tmp_path / "sae"
     code = cli(["sae", "train", "--model", str(model_folder), "--layer", "1", "--text", str(text_file),
                 "--num-latents", "48", "--k", "4", "--steps", "40", "--batch-tokens", "64", "--lr", "3e-3",
-                "--log-every", "20", "--dead-tokens", "200", "--out", str(out), "--device", "cpu"])
+                "--log-every", "20", "--dead-tokens", "200", "--out", str(out), "--device", "cpu",
+                "--routing", routing])
     assert code == 0
     printed = capsys.readouterr().out
     progress = [line for line in printed.splitlines() if line.startswith("step ")]
     assert len(progress) == 2 and all("fvu" in p and "dead" in p and "tokens/s" in p for p in progress)
     sae = SparseAutoencoder.load_from_disk(out)
-    assert (sae.d_in, sae.num_latents, sae.routing, sae.k) == (16, 48, "topk", 4)
+    assert (sae.d_in, sae.num_latents, sae.routing, sae.k) == (16, 48, routing, 4)
+    assert (sae.threshold_steps.item() == 40) == (routing == "mutual_choice")  # its thresholds were learned and kept
     assert sae.dead_tokens_threshold == 200
     training = json.loads((out / "cfg.json").read_text())["fusedtrain"]["metadata"]["training"]
     assert training["hookpoint"] == "layers.1" and training["tokens"] == 40 * 64

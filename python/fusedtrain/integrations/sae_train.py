@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     """`python -m fusedtrain sae <command> ...`; the one command is `train`."""
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m fusedtrain sae train --model PATH_OR_NAME --layer L --text FILE [options]\n"
-              "       python -m fusedtrain sae train --help   (every option)")
+              "       python -m fusedtrain sae train --help   (every option)", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] != "train":
         print(f"python -m fusedtrain sae: unknown command {argv[0]!r} (the one command is `train`)", file=sys.stderr)
