@@ -40,8 +40,8 @@ __all__ = ["apply_spherical_loss", "remove_spherical_loss", "is_patched", "SUPPO
 
 # Keywords of `linear_spherical_loss` that are the loss's own (the rest comes from the model and labels).
 SUPPORTED_HYPERPARAMETERS = ("a", "b", "eps", "var_eps", "ignore_index", "check_target")
-# Config attributes that apply a tanh softcap to the final logits (Gemma 2, Gemma 3, ...).
-_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logit_softcapping_final")
+# Config attributes that apply a tanh softcap to the final logits (Gemma 2, 3, 3n, 4, ...).
+_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping",)
 _SETTINGS = "_fusedtrain_spherical"            # on the model: what apply_spherical_loss was given
 _REQUEST = "_fusedtrain_spherical_request"     # on the output embedding, during one forward only
 
@@ -61,7 +61,7 @@ class _LossRequest:
     ignore_index: int
     settings: _Settings
     return_logits: bool                  # eval mode: logits as usual, the loss on the side
-    answered: bool = False               # the output embedding has seen this request
+    answered: bool = False               # the output embedding has returned the loss (or logits)
     loss: torch.Tensor | None = None     # set by the output embedding
     head_output: torch.Tensor | None = None  # eval: the logits the output embedding returned
 
