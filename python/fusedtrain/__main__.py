@@ -1,4 +1,4 @@
-"""`python -m fusedtrain info | bench | selftest`."""
+"""`python -m fusedtrain info | bench | selftest | sae train`."""
 from __future__ import annotations
 
 import argparse
@@ -62,8 +62,11 @@ def selftest() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sae"]:  # `sae train ...` has its own parser and --help (integrations/sae_train.py)
+        from .integrations import sae_train
+        return sae_train.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fusedtrain")
-    parser.add_argument("command", choices=["info", "bench", "selftest"])
+    parser.add_argument("command", choices=["info", "bench", "selftest", "sae"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return bench(rest)

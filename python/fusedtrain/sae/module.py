@@ -281,3 +281,16 @@ class SparseAutoencoder(nn.Module):
         m = f", m={self.m}" if self.m is not None else ""
         k = "" if self.routing == "threshold" else f", k={self.k}"
         return f"d_in={self.d_in}, num_latents={self.num_latents}, routing={self.routing!r}{k}{m}"
+
+    # -- persistence: sparsify's folder layout (sae/persistence.py, docs/integrations.md) ------------
+    def save_to_disk(self, path) -> None:
+        """Write `cfg.json` + `sae.safetensors` (sparsify's layout, which sparsify's
+        `SparseCoder.load_from_disk` reads) and `fusedtrain_state.safetensors` (the buffers) to `path`."""
+        from .persistence import save_sae
+        save_sae(self, path)
+
+    @classmethod
+    def load_from_disk(cls, path, device=None, dtype=None) -> "SparseAutoencoder":
+        """Read a folder written by `save_to_disk` or by sparsify's `SparseCoder.save_to_disk`."""
+        from .persistence import load_sae
+        return load_sae(cls, path, device=device, dtype=dtype)
