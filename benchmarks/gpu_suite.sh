@@ -52,6 +52,7 @@ stage bench $PY -m fusedtrain bench --device cuda --out "$OUT_DIR/results"
 [ -f benchmarks/tune_spherical.py ] && stage tune $PY benchmarks/tune_spherical.py
 
 cmake_build() {  # CMakeLists.txt's commands from nothing; last, as it replaces setup.py's in-place _C
+  command -v cmake >/dev/null || { echo "cmake is not installed on this machine"; return 1; }
   rm -rf build/cmake python/fusedtrain/_C*.so python/fusedtrain/_build_info.py &&
     cmake -S . -B build/cmake -DPython_EXECUTABLE="$(command -v "$PY")" &&
     cmake --build build/cmake -j"$MAX_JOBS" &&
