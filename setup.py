@@ -5,18 +5,17 @@ Environment:
   FUSEDTRAIN_FORCE_CUDA=1   build the CUDA kernels or fail (no silent CPU-only fallback)
   TORCH_CUDA_ARCH_LIST      GPU archs, e.g. "9.0" (default: the visible GPU's, else 8.0;9.0;10.0+PTX)
   MAX_JOBS                  parallel compile jobs (ninja)
-  CUDA_HOME                 toolkit root; found from nvcc when unset (see _find_cuda_home)
+  CUDA_HOME                 toolkit root; found from nvcc when unset (tools/build_env.py)
+  FUSEDTRAIN_DEBUG=1        keep debug info (-g); the default release build has none
 Sources are every csrc/**/*.cpp (and *.cu with CUDA): CMakeLists.txt globs the same folders.
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
-import shutil
-import subprocess
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -28,43 +27,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home() -> str | None:
-    """The toolkit root. torch guesses dirname(dirname(which nvcc)), wrong when nvcc on the PATH is a
-    wrapper script or symlink outside the toolkit: ask nvcc itself (its dry run prints TOP=...)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        try:
-            out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                                 capture_output=True, text=True,
-                                 timeout=60)
-            match = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-            if match:
-                return os.path.realpath(match.group(1))
-        except (OSError, subprocess.SubprocessError):
-            pass
-        candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(candidate, "include", "cuda_runtime.h")):
-            return candidate
-    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
-            return candidate
-    return None
+def _load_build_env():
+    """tools/build_env.py: what this machine's toolkit and pip packages look like (shared with
+    CMakeLists.txt). Loaded by path: the project root need not be on sys.path under pip."""
+    spec = importlib.util.spec_from_file_location("fusedtrain_build_env",
+                                                  os.path.join(ROOT, "tools", "build_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _nvidia_pip_include_dirs() -> list[str]:
-    """Headers of the CUDA libraries (cuBLAS, cuSPARSE, ...) that torch includes come from the
-    `nvidia-*` pip packages a CUDA torch installs, not from a bare nvcc toolkit."""
-    dirs = []
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+build_env = _load_build_env()
 
 
 # CUDA_HOME must be right before torch.utils.cpp_extension reads it at import.
-_cuda_home = None if _env_flag("FUSEDTRAIN_FORCE_CPU") else _find_cuda_home()
+_cuda_home = None if _env_flag("FUSEDTRAIN_FORCE_CPU") else build_env.find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
 
@@ -90,12 +67,7 @@ def _want_cuda() -> bool:
 def _arch_list(with_cuda: bool) -> str:
     if not with_cuda:
         return ""
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0;10.0+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build_env.cuda_arch_list()  # torch's build reads it here
     return os.environ["TORCH_CUDA_ARCH_LIST"]
 
 
@@ -112,19 +84,23 @@ def _write_build_info(with_cuda: bool, archs: str) -> None:
         f.write(f"CUDA_ARCHS = {archs!r}\n")
         f.write(f"BUILT_WITH_TORCH = {torch.__version__!r}\n")
         f.write(f"BUILT_WITH_CUDA = {torch.version.cuda if with_cuda else None!r}\n")
+        f.write("BUILT_BY = 'setuptools'\n")
 
 
 def _extension():
     with_cuda = _want_cuda()
     archs = _arch_list(with_cuda)
     _write_build_info(with_cuda, archs)
-    cxx = ["-O3", "-Wno-psabi"]  # torch adds the -std it needs (C++20 from 2.13)
+    # torch adds the -std it needs (C++20 from 2.13). Python's own CFLAGS carry -g, which makes the
+    # library several times larger: -g0 (after them) drops it unless FUSEDTRAIN_DEBUG=1.
+    debug = _env_flag("FUSEDTRAIN_DEBUG")
+    cxx = ["-O3", "-Wno-psabi", "-g" if debug else "-g0"]
     kwargs = dict(name="fusedtrain._C", sources=_sources(with_cuda), py_limited_api=True,
                   include_dirs=[os.path.join(ROOT, "csrc")])
     if not with_cuda:
         return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    kwargs["include_dirs"] += _nvidia_pip_include_dirs()
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + (["-g"] if debug else [])
+    kwargs["include_dirs"] += build_env.nvidia_pip_include_dirs()
     return CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 
@@ -135,8 +111,11 @@ def _version() -> str:
 
 setup(
     version=_version(),
+    # The wheel runs only with the torch minor release it was compiled against (see build_env).
+    install_requires=[build_env.torch_requirement(torch.__version__)],
     packages=find_packages("python") + ["fusedtrain.benchmarks"],
     package_dir={"fusedtrain": "python/fusedtrain", "fusedtrain.benchmarks": "benchmarks"},
+    package_data={"fusedtrain": ["py.typed"]},  # PEP 561: the package ships its type hints
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API}},

@@ -150,13 +150,18 @@ def _set_rows(name, d_model, layers, dtype_name, device, copy_gbps, kernel, quic
     return rows
 
 
+def _describe(s) -> str:
+    """The progress line of one case (a tuple of CPU_/CUDA_ shapes)."""
+    return f"{s[0]} (d_model={s[1]}, {s[2]} layers) {s[3]}"
+
+
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     env = env or harness.environment(device)
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
     kernel = harness.kernel_built(OP, device)
     sets = CUDA_SETS if device == "cuda" else CPU_SETS
     rows = []
-    for name, d_model, layers, dtype_name in (sets[:1] if quick else sets):
+    for name, d_model, layers, dtype_name in harness.cases("frugal", sets[:1] if quick else sets, _describe):
         rows += _set_rows(name, d_model, layers, dtype_name, device, copy_gbps, kernel, quick)
     for row in rows:
         row.update(family="frugal", op=OP, device_name=env["device_name"], torch=env["torch"], cuda=env["cuda"],

@@ -168,13 +168,18 @@ def _shape_rows(n, d, D, dtype_name, baselines, device, gemm) -> list[dict]:
     return rows
 
 
+def _describe(s) -> str:
+    """The progress line of one case (a tuple of CPU_/CUDA_ shapes)."""
+    return f"N={s[0]} d={s[1]} D={s[2]} {s[3]}"
+
+
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     """Every row of this family on `device` (see ROW_FIELDS)."""
     shapes = (CUDA_QUICK if quick else CUDA_SHAPES) if device == "cuda" else (CPU_QUICK if quick else CPU_SHAPES)
     env = env or harness.environment(device)
     gemm = {name: gemm_tflops(device, DTYPES[name]) for name in sorted({s[3] for s in shapes})}
     rows = []
-    for n, d, D, dtype_name, baselines in shapes:
+    for n, d, D, dtype_name, baselines in harness.cases("linear", shapes, _describe):
         rows += _shape_rows(n, d, D, dtype_name, baselines, device, gemm[dtype_name])
     for row in rows:
         row["pass"] = row.pop("pass_")

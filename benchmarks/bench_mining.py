@@ -133,6 +133,11 @@ def _shape_rows(B, M, d, impls, device) -> list[dict]:
     return rows
 
 
+def _describe(s) -> str:
+    """The progress line of one case (a tuple of CPU_/CUDA_ shapes)."""
+    return f"B={s[0]} M={s[1] or s[0]} d={s[2]} ({', '.join(s[3])})"
+
+
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     """Every row of this family on `device` (see ROW_FIELDS)."""
     if device == "cuda":
@@ -141,7 +146,7 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
         shapes = CPU_QUICK if quick else CPU_SHAPES
     env = env or harness.environment(device)
     rows = []
-    for B, M, d, impls in shapes:
+    for B, M, d, impls in harness.cases("mining", shapes, _describe):
         rows += _shape_rows(B, M, d, impls, device)
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -20,8 +20,10 @@ from fusedtrain.sae.routing import route
 
 if __package__:
     from . import harness
+    from . import plot as _plot
 else:  # run as a script: no parent package for a relative import
     from fusedtrain.benchmarks import harness
+    from fusedtrain.benchmarks import plot as _plot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROUTINGS = ("topk", "feature_choice", "mutual_choice")
@@ -183,6 +185,11 @@ def _add_ratios(rows: list[dict]) -> None:
         row["ratio_vs_ours_topk"] = row["median_ms"] / topk["median_ms"] if topk else None
 
 
+def _describe(s) -> str:
+    """The progress line of one case (a tuple of CPU_/CUDA_ shapes)."""
+    return f"B={s[0]} d={s[1]} F={s[2]} k={s[3]} {s[4]}"
+
+
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     """Every row of this family on `device` (see ROW_FIELDS)."""
     shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
@@ -192,7 +199,7 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
     kernel = harness.kernel_built("sae_encode", device)
     rows = []
-    for shape in shapes:
+    for shape in harness.cases("sae", shapes, _describe):
         rows += _shape_rows(*shape, device, copy_gbps, kernel, quick)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -230,6 +237,13 @@ def acceptance(rows: list[dict], device: str) -> list[str]:
             lines.append(f"{label} {name} {routing} step: {r['ratio_vs_ours_topk']:.2f}x our TopK step "
                          f"(target <= {limit:g}x): {harness.verdict(r['ratio_vs_ours_topk'] <= limit)}")
     return lines
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """Median time of the step and routing rows, one group per (shape, routing, pass), one bar per
+    implementation (log scale); None without matplotlib. (The shared plot draws fwd+bwd rows only.)"""
+    return _plot.bar_chart(rows, lambda r: f"{r['B']}x{r['F']} {r['dtype']} {r['routing']} {r['pass']}", path,
+                           title, ylabel="median (ms, log scale)", case_width=1.2)
 
 
 if __name__ == "__main__":

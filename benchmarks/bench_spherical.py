@@ -185,6 +185,11 @@ def _shape_rows(n: int, d: int, dtype_name: str, kinds, device: str, copy_gbps: 
     return shape_rows
 
 
+def _describe(s) -> str:
+    """The progress line of one case (a tuple of CPU_/CUDA_ shapes)."""
+    return f"{s[0]}x{s[1]} {s[2]} kind={','.join(s[3])}"
+
+
 def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float | None = None) -> list[dict]:
     """Every row of this family on `device` (see ROW_FIELDS). `env` and `copy_gbps` are measured
     here when not given (run.py measures them once for all families)."""
@@ -196,7 +201,7 @@ def run(device: str, quick: bool, *, env: dict | None = None, copy_gbps: float |
     copy_gbps = copy_gbps or harness.measure_copy_bandwidth(device)
     kernel = harness.kernel_built(OP, device)
     rows = []
-    for n, d, dtype_name, kinds in shapes:
+    for n, d, dtype_name, kinds in harness.cases("spherical", shapes, _describe):
         rows += _shape_rows(n, d, dtype_name, kinds, device, copy_gbps, kernel)
         if device == "cuda":
             torch.cuda.empty_cache()

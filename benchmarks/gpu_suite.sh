@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a GPU machine without network (about 10 minutes):
 #   build in place -> pytest -m cuda -> compute-sanitizer (memcheck, racecheck) on a small CUDA
-#   subset -> all benchmarks (with peers when their wheels are given) -> one output folder.
+#   subset -> all benchmarks (with peers when their wheels are given) -> the CMake build and its
+#   selftest on the GPU -> one output folder.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [PEER_WHEEL_DIR]
 # Everything is logged under OUT_DIR; a summary is printed last. Each stage runs even if an
 # earlier one failed (a failed build stops it), and the exit code says whether all passed.
@@ -49,6 +50,15 @@ stage memcheck compute-sanitizer --tool memcheck --leak-check no --error-exitcod
 stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY tests/sanitizer_cases.py --small
 stage bench $PY -m fusedtrain bench --device cuda --out "$OUT_DIR/results"
 [ -f benchmarks/tune_spherical.py ] && stage tune $PY benchmarks/tune_spherical.py
+
+cmake_build() {  # CMakeLists.txt's commands from nothing; last, as it replaces setup.py's in-place _C
+  command -v cmake >/dev/null || { echo "cmake is not installed on this machine"; return 1; }
+  rm -rf build/cmake python/fusedtrain/_C*.so python/fusedtrain/_build_info.py &&
+    cmake -S . -B build/cmake -DPython_EXECUTABLE="$(command -v "$PY")" &&
+    cmake --build build/cmake -j"$MAX_JOBS" &&
+    $PY -m fusedtrain info && $PY -m fusedtrain selftest
+}
+stage cmake cmake_build
 
 echo "=== summary"
 printf '%s\n' "${status[@]}" | tee "$OUT_DIR/summary.txt"

@@ -24,11 +24,12 @@ import threading
 import time
 import timeit
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 _POLL_S = 0.0005
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -153,6 +154,7 @@ def measure(fn: Callable[[], object], *, device: str, warmup: int = 3, repeats: 
         setup()
         fn()
     samples = sorted(_cuda_samples_ms(fn, setup, repeats) if cuda else _cpu_samples_ms(fn, setup, repeats))
+    _PROGRESS.tick()
     return Measurement(statistics.median(samples), _percentile(samples, 0.2),
                        _percentile(samples, 0.8), peak, repeats)
 
@@ -175,6 +177,52 @@ def l2_bytes(device: str) -> int | None:
     if not _is_cuda(device):
         return None
     return getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress lines: a family's shapes take seconds to minutes each, and the table comes at the end
+
+class _Progress:
+    """The case being measured and when something was last printed (one per process)."""
+
+    HEARTBEAT_S = 15.0  # a line at least this often while one case is measured
+
+    def __init__(self) -> None:
+        self.label: str | None = None
+        self.start = self.last = 0.0
+        self.timings = 0
+
+    def begin(self, label: str, description: str) -> None:
+        self.label, self.timings = label, 0
+        self.start = self.last = time.perf_counter()
+        print(f"  {label} {description}", flush=True)
+
+    def tick(self) -> None:
+        if self.label is None:
+            return
+        self.timings += 1
+        now = time.perf_counter()
+        if now - self.last >= self.HEARTBEAT_S:
+            self.last = now
+            print(f"  {self.label} ... {self.timings} timings done in {now - self.start:.0f} s", flush=True)
+
+    def end(self) -> None:
+        self.label = None
+
+
+_PROGRESS = _Progress()
+
+
+def cases(family: str, items: Iterable[_T], describe: Callable[[_T], str]) -> Iterator[_T]:
+    """Yield a family's cases, printing a progress line as each starts (and every 15 s while it is
+    measured), so a run that takes minutes is not silent until its table."""
+    items = list(items)
+    try:
+        for i, item in enumerate(items, 1):
+            _PROGRESS.begin(f"[{family} {i}/{len(items)}]", describe(item))
+            yield item
+    finally:
+        _PROGRESS.end()
 
 
 # ---------------------------------------------------------------------------------------------

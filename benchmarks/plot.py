@@ -2,7 +2,13 @@
 fwd+bwd rows of a family whose rows have N, D, dtype and kind, `bar_chart` any timed rows."""
 from __future__ import annotations
 
+import importlib.util
 import math
+
+
+def matplotlib_available() -> bool:
+    """Whether a plot can be drawn at all (run.py says why a family wrote no PNG)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _case(row: dict) -> str:

@@ -74,8 +74,11 @@ def write_outputs(family: str, rows: list[dict], meta: dict, out_dir: str, plott
     title = f"{family} on {env['device_name']}, torch {env['torch']}, commit {env['commit']}"
     if plotter(rows, stem + ".png", title):
         written.append(stem + ".png")
+    elif not plot.matplotlib_available():
+        print("(matplotlib is not installed: no PNG plot; `pip install matplotlib`, or install fusedtrain "
+              "with its `bench` extra, for one)")
     else:
-        print("(matplotlib is not installed: no PNG plot; `pip install matplotlib` for one)")
+        print("(no timed row to plot: no PNG)")
     return written
 
 
@@ -111,9 +114,10 @@ def run(families: list[str] | None, device: str, quick: bool, out_dir: str | Non
     return all_rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusedtrain bench",
-                                     description="Benchmark fusedtrain's ops against references and peers.")
+def main(argv: list[str] | None = None, prog: str = "python -m fusedtrain bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Benchmark fusedtrain's ops against their references, the softmax baselines and the installed "
+        "peers; print a table per family and write CSV/JSON/PNG files."))
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES),
                         help="benchmark only this family (repeatable); default: all")
     parser.add_argument("--device", choices=["cpu", "cuda"],

@@ -35,7 +35,9 @@ def test_cli_info_lists_every_op():
 
 
 def test_cli_selftest_passes():
-    subprocess.run([sys.executable, "-m", "fusedtrain", "selftest"], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "fusedtrain", "selftest"], check=True, capture_output=True,
+                         text=True).stdout  # check=True: exit status 0 (1 when a check fails)
+    assert out.splitlines()[-1].startswith("selftest: all "), out[-2000:]
 
 
 @pytest.mark.skipif(os.environ.get("FUSEDTRAIN_EXPECT_EXTENSION") != "1",
@@ -70,6 +72,21 @@ def test_missing_kernel_warns_once_and_falls_back(monkeypatch):
         assert not _backend.use_kernel("spherical_loss", torch.device("cpu"))
 
 
+def test_device_without_kernels_warns_once_for_all_ops(monkeypatch):
+    # A build with no kernel at all for a device (a CPU-only build given CUDA tensors): one warning
+    # for that device, whichever ops follow (use_kernel reads only the device's type).
+    if not _backend.has_extension():
+        pytest.skip("no compiled extension")
+    monkeypatch.setattr(_backend, "_BACKENDS", {op: ["CPU"] for op in _backend._BACKENDS})
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no cuda kernels"):
+        assert not _backend.use_kernel("spherical_loss", torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for op in _backend.public_ops():
+            assert not _backend.use_kernel(op, torch.device("cuda"))
+
+
 def test_import_without_extension_uses_references(tmp_path):
     # A source tree that was never built: copy the Python package without _C and import it.
     pkg = os.path.dirname(fusedtrain.__file__)
@@ -87,7 +104,9 @@ def test_import_without_extension_uses_references(tmp_path):
             "    warnings.simplefilter('always')\n"
             "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
             "    fusedtrain.spherical_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))\n"
+            "    fusedtrain.sae.topk_route(torch.rand(4, 8), 2)\n"
             "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
+            "# One warning for the process, not one per op.\n"
             "assert len(msgs) == 1 and 'not built' in msgs[0], msgs\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=tmp_path)

@@ -2,8 +2,9 @@
 
 `fusedtrain._C` registers the `torch.ops.fusedtrain.*` schemas and the kernels it was built with. When
 it is missing (a source checkout that was never built) every op runs its pure-PyTorch reference, and
-one warning says so. When it is present but has no kernel for a device (a CPU-only build given CUDA
-tensors), that op also runs the reference, again with one warning per (op, device).
+one warning (for the whole process, not one per op) says so. When it is present but has no kernel for
+a device (a CPU-only build given CUDA tensors), the op also runs the reference, with one warning per
+device for a build without any kernel for it, else one per (op, device).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ except ImportError as exc:  # no build: references only
     _EXTENSION_ERROR = ("fusedtrain._C is not built" if isinstance(exc, ModuleNotFoundError)
                         or "cannot import name '_C'" in str(exc) else str(exc))
 
+# What was warned about: ("*", "*") for a missing extension, ("*", device) for a device without any
+# kernel in this build, (op, device) for one op missing on a device the build otherwise serves.
 _warned: set[tuple[str, str]] = set()
 
 
@@ -76,20 +79,37 @@ def backends_for(op: str) -> list[str]:
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
-    """Whether `op` on `device` runs a compiled kernel; warns once per (op, device) when it cannot.
+    """Whether `op` on `device` runs a compiled kernel; when it cannot, warns once per cause (see
+    `_warning_key`): one warning for a build-less checkout, not one per op.
 
     Meta tensors go to the op too, whose fake kernel checks the arguments as the real kernels do and
     answers with shapes (the references read values, which meta tensors do not have)."""
     if device.type == "meta" and op in _FAKE:
         return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is not None and key in backends_for(op):
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if dispatch_key is not None and dispatch_key in backends_for(op):
         return True
-    if (op, device.type) not in _warned:
-        _warned.add((op, device.type))
-        why = (f"no compiled kernels ({_EXTENSION_ERROR})" if not has_extension()
-               else f"this build of fusedtrain has no {device.type} kernel for {op}")
-        warnings.warn(f"{why}; using the pure-PyTorch reference for {op} on {device.type}, which is "
-                      "correct but slow. Build with `pip install --no-build-isolation -e .`.",
+    key = _warning_key(op, device.type)
+    if key not in _warned:
+        _warned.add(key)
+        if not has_extension():
+            why = (f"no compiled kernels ({_EXTENSION_ERROR}): every fusedtrain op runs its pure-PyTorch "
+                   "reference, which is correct but slow")
+        elif key[0] == "*":
+            why = (f"this build of fusedtrain has no {device.type} kernels: every op on {device.type} "
+                   "runs its pure-PyTorch reference, which is correct but slow")
+        else:
+            why = (f"this build of fusedtrain has no {device.type} kernel for {op}: using its pure-PyTorch "
+                   f"reference on {device.type}, which is correct but slow")
+        warnings.warn(f"{why}. Build with `pip install --no-build-isolation -e .`.",
                       RuntimeWarning, stacklevel=3)
     return False
+
+
+def _warning_key(op: str, device_type: str) -> tuple[str, str]:
+    """One warning per cause: the extension missing, a device missing, one op missing on a device."""
+    if not has_extension():
+        return ("*", "*")
+    if not any(device_type.upper() in keys for keys in _BACKENDS.values()):
+        return ("*", device_type)
+    return (op, device_type)
