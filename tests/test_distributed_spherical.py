@@ -6,6 +6,9 @@ asserts. Several checks share one spawn (starting ranks costs seconds).
 """
 from __future__ import annotations
 
+import os
+import zlib
+
 import pytest
 import torch
 
@@ -73,25 +76,102 @@ def _check_against_single_process(rank, world, seed, size_sets):
                                                linear_bias=_shard(b, sizes, rank), stats=stats, **kw)
     errors["3-d input, ignore_index=7, stats="] = rel_err(got, ref)
     # Statistics of another weight give another loss: the comparisons above can fail.
-    stale = vocab_parallel_linear_spherical_stats(_shard(w * 1.5, sizes, rank), _shard(b, sizes, rank))
+    stale = vocab_parallel_linear_spherical_stats(_shard(w.flip(1), sizes, rank), _shard(b, sizes, rank))
     wrong = vocab_parallel_linear_spherical_loss(h, _shard(w, sizes, rank), t, linear_bias=_shard(b, sizes, rank),
                                                  stats=stale, **kw)
     return errors, rel_err(wrong, fusedtrain.linear_spherical_loss(h, w, t, linear_bias=b, **kw))
 
 
-def test_vocab_parallel_loss_equals_single_process_two_ranks():
-    seed = int(torch.randint(0, 2**30, ()))
-    results = run_on_ranks(_check_against_single_process, 2, seed, [(4, 7), (11, 1)])
-    for errors, stale_err in results:
-        bad = {k: v for k, v in errors.items() if not v < TOL}
-        assert not bad, bad
-        assert stale_err > 1e-3
+def _train_like_single_process(rank, world, seed, fsdp: bool, detect_data_writes: bool):
+    """Two SGD steps of a SphericalHead whose weight is a Shard(0) DTensor (vocab parallel: the same
+    batch on every rank) or which fully_shard wraps (data parallel: each rank its slice of the batch),
+    against the single-process head on the whole batch. Each step has two micro-batches' forward
+    (the second must reuse the statistics) and one backward. Returns the errors and the cache's
+    behaviour: reused within a step, recomputed after each optimizer step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    n, d, D = 8, 5, 11  # D = 11: uneven Shard(0) on 2 and 3 ranks
+    torch.manual_seed(seed)
+    reference = fusedtrain.nn.SphericalHead(d, D, dtype=torch.float64)
+    with torch.no_grad():
+        reference.bias.add_(0.3)  # a common offset, which the centred statistics must not lose
+    head = fusedtrain.nn.SphericalHead(d, D, dtype=torch.float64, detect_data_writes=detect_data_writes)
+    head.load_state_dict(reference.state_dict())
+    mesh = init_device_mesh("cpu", (world,))
+    if fsdp:
+        fully_shard(head, mesh=mesh)
+    else:
+        head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
+        head.bias = torch.nn.Parameter(distribute_tensor(head.bias.detach(), mesh, [Shard(0)]))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (reference, head)]
+    errors, reused, recomputed, previous = [], [], [], None
+    for step in range(2):
+        h = torch.randn(world * n, d, dtype=torch.float64)
+        t = torch.randint(0, D, (world * n,))
+        if not fsdp:
+            t[1] = -100  # ignored rows: only where every rank sees the whole batch (FSDP averages per-rank means)
+        h_ref = h.clone().requires_grad_()
+        loss_ref = reference(h_ref, t)
+        loss_ref.backward()
+        rows = slice(rank * n, (rank + 1) * n) if fsdp else slice(None)
+        h_mine = h[rows].clone().requires_grad_()
+        head(h_mine, t[rows])  # a first micro-batch: computes the statistics
+        first = head._stats
+        loss = head(h_mine, t[rows])
+        reused.append(head._stats is first)
+        recomputed.append(first is not previous)
+        previous = first
+        loss.backward()
+        if fsdp:  # the mean of the ranks' means is the whole batch's mean; FSDP averages the gradients
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        grad_h = h_mine.grad / (world if fsdp else 1)  # a rank mean over n rows, not world * n
+        errors += [rel_err(loss, loss_ref), rel_err(grad_h, h_ref.grad[rows]),
+                   rel_err(head.weight.grad.full_tensor(), reference.weight.grad),
+                   rel_err(head.bias.grad.full_tensor(), reference.bias.grad)]
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    errors.append(rel_err(head.weight.full_tensor(), reference.weight.detach()))  # after the second step
+    return errors, reused, recomputed
 
 
-def test_vocab_parallel_loss_uneven_and_empty_shards_three_ranks():
-    seed = int(torch.randint(0, 2**30, ()))
-    results = run_on_ranks(_check_against_single_process, 3, seed, [(5, 2, 4), (6, 0, 5)])
-    for errors, stale_err in results:
+def _all_checks(rank, world, seed, size_sets):
+    """Everything that needs ranks, in one spawn (starting ranks costs seconds)."""
+    results = {"loss": _check_against_single_process(rank, world, seed, size_sets)}
+    for fsdp in (False, True):
+        for detect in (False, True):
+            results[f"head fsdp={fsdp} detect_data_writes={detect}"] = _train_like_single_process(
+                rank, world, seed, fsdp, detect)
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def on_ranks(request):
+    """Each rank's results: 2 ranks (uneven shards 4 + 7, and 11 + 1) and 3 ranks (5 + 2 + 4, and an
+    empty shard: 6 + 0 + 5)."""
+    # Module scope runs before the per-test seed fixture: draw the seed as conftest.py does.
+    seed = zlib.crc32(f"{os.environ.get('FUSEDTRAIN_TEST_SEED', '')}{__name__}{request.param}".encode())
+    size_sets = [(4, 7), (11, 1)] if request.param == 2 else [(5, 2, 4), (6, 0, 5)]
+    return run_on_ranks(_all_checks, request.param, seed, size_sets)
+
+
+def test_vocab_parallel_loss_equals_single_process(on_ranks):
+    for rank_results in on_ranks:
+        errors, stale_err = rank_results["loss"]
         bad = {k: v for k, v in errors.items() if not v < TOL}
         assert not bad, bad
-        assert stale_err > 1e-3
+        assert stale_err > 1e-6  # statistics of another weight: far beyond TOL, the comparison can fail
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["dtensor_shard0", "fully_shard"])
+@pytest.mark.parametrize("detect_data_writes", [False, True])
+def test_spherical_head_sharded_equals_single_process(on_ranks, fsdp, detect_data_writes):
+    for rank_results in on_ranks:
+        errors, reused, recomputed = rank_results[f"head fsdp={fsdp} detect_data_writes={detect_data_writes}"]
+        assert max(errors) < TOL, errors
+        assert all(reused), reused  # the second micro-batch reuses the statistics
+        assert all(recomputed), recomputed  # an optimizer step invalidates them
