@@ -79,7 +79,47 @@ def _check_against_single_process(rank, world, seed, size_sets):
     stale = vocab_parallel_linear_spherical_stats(_shard(w.flip(1), sizes, rank), _shard(b, sizes, rank))
     wrong = vocab_parallel_linear_spherical_loss(h, _shard(w, sizes, rank), t, linear_bias=_shard(b, sizes, rank),
                                                  stats=stale, **kw)
-    return errors, rel_err(wrong, fusedtrain.linear_spherical_loss(h, w, t, linear_bias=b, **kw))
+    stale_err = rel_err(wrong, fusedtrain.linear_spherical_loss(h, w, t, linear_bias=b, **kw))
+    return errors, stale_err, _non_finite_patterns(rank, sizes, seed), _error_messages(rank, sizes, seed)
+
+
+def _non_finite_patterns(rank, sizes, seed):
+    """Which entries of (per-row loss, input grad, weight-shard grad) are finite, for the single-process op
+    and the vocab-parallel one, with NaN in one input row and inf in one weight row."""
+    h, w, b, t, up = _problem(seed, 9, 6, sum(sizes), True)
+    h[2, 0] = float("nan")
+    w[sizes[0] - 1, 1] = float("inf")  # on rank 0's last row
+    patterns = []
+    for kind in KINDS:
+        ref = _loss_and_grads(fusedtrain.linear_spherical_loss, h, w, b, t, up, "none", kind=kind)
+        got = _loss_and_grads(vocab_parallel_linear_spherical_loss, h, _shard(w, sizes, rank), _shard(b, sizes, rank),
+                              t, up, "none", kind=kind)
+        patterns.append([(torch.isfinite(x), torch.isfinite(y))
+                         for x, y in zip(got[:3], ref[:2] + [_shard(ref[2], sizes, rank)])])
+    return patterns
+
+
+def _error_messages(rank, sizes, seed):
+    """(what the message must name, the message) for bad arguments; every rank raises alike."""
+    h, w, b, t, _ = _problem(seed, 9, 6, sum(sizes), True)
+    ws, bs = _shard(w, sizes, rank), _shard(b, sizes, rank)
+    cases = [("weight_shard", lambda: vocab_parallel_linear_spherical_loss(h, ws[0], t)),
+             ("linear_bias", lambda: vocab_parallel_linear_spherical_loss(h, ws, t, linear_bias=b[:1].expand(99))),
+             ("input", lambda: vocab_parallel_linear_spherical_loss(h.float(), ws, t)),
+             ("target", lambda: vocab_parallel_linear_spherical_loss(h, ws, t[:-1])),
+             ("outside [0, ", lambda: vocab_parallel_linear_spherical_loss(h, ws, t.clamp(min=0) + sum(sizes))),
+             ("stats", lambda: vocab_parallel_linear_spherical_loss(h, ws, t, stats=(ws, ws))),
+             ("stats.gram", lambda: vocab_parallel_linear_spherical_loss(
+                 h, ws, t, linear_bias=bs, stats=vocab_parallel_linear_spherical_stats(ws))),
+             ("kind", lambda: vocab_parallel_linear_spherical_loss(h, ws, t, kind="softmax"))]
+    messages = []
+    for expected, call in cases:
+        try:
+            call()
+            messages.append((expected, "no error"))
+        except (TypeError, ValueError) as exc:
+            messages.append((expected, str(exc)))
+    return messages
 
 
 def _train_like_single_process(rank, world, seed, fsdp: bool, detect_data_writes: bool):
@@ -161,10 +201,24 @@ def on_ranks(request):
 
 def test_vocab_parallel_loss_equals_single_process(on_ranks):
     for rank_results in on_ranks:
-        errors, stale_err = rank_results["loss"]
+        errors, stale_err, _, _ = rank_results["loss"]
         bad = {k: v for k, v in errors.items() if not v < TOL}
         assert not bad, bad
         assert stale_err > 1e-6  # statistics of another weight: far beyond TOL, the comparison can fail
+
+
+def test_vocab_parallel_non_finite_like_single_process(on_ranks):
+    for rank_results in on_ranks:
+        for per_kind in rank_results["loss"][2]:
+            for got, ref in per_kind:
+                assert not ref.all()  # the planted NaN / inf reaches every output
+                assert torch.equal(got, ref)
+
+
+def test_vocab_parallel_bad_arguments_name_the_argument(on_ranks):
+    for rank_results in on_ranks:
+        for expected, message in rank_results["loss"][3]:
+            assert expected in message, (expected, message)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["dtensor_shard0", "fully_shard"])

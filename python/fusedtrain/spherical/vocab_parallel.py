@@ -188,13 +188,14 @@ class _VocabParallelLoss(torch.autograd.Function):
         if bias is not None:
             s += colsum[d]
         loss, coef = _loss_and_coefficients(s, partial[:, 0], partial[:, 1], target, total, hyper)
-        ctx.save_for_backward(input, weight, bias, shard_colsum, proj, coef.to(acc), owned, safe)
+        keep = target != hyper["ignore_index"]
+        ctx.save_for_backward(input, weight, bias, shard_colsum, proj, coef.to(acc), owned, safe, keep)
         ctx.group = group
         return loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, weight, bias, shard_colsum, proj, coef, owned, safe = ctx.saved_tensors
+        input, weight, bias, shard_colsum, proj, coef, owned, safe, keep = ctx.saved_tensors
         acc = coef.dtype
         d = input.shape[1]
         coef = coef * grad_loss.to(acc).reshape(-1, 1)  # a scalar, or (N,) for reduction="none"
@@ -208,6 +209,8 @@ class _VocabParallelLoss(torch.autograd.Function):
             partial = torch.outer(alpha, shard_colsum[:d]) + beta.unsqueeze(1) * proj[:, :d]
             if weight.shape[0]:
                 partial += gamma.unsqueeze(1) * weight[safe].to(acc)
+            # Ignored rows get exact zeros, as the fused op (0·NaN would not be 0).
+            partial = torch.where(keep.unsqueeze(1), partial, torch.zeros_like(partial))
             work = dist.all_reduce(partial, group=ctx.group, async_op=True)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]):
