@@ -179,9 +179,33 @@ def _train_like_single_process(rank, world, seed, fsdp: bool, detect_data_writes
     return errors, reused, recomputed
 
 
+def _bytes_all_reduced(rank, world, seed, sizes):
+    """Bytes of each all-reduce of: the statistics, a forward, its backward (N = 9, d = 6, bias, fp64)."""
+    h, w, b, t, _ = _problem(seed, 9, 6, sum(sizes), True)
+    ws, bs = _shard(w, sizes, rank).requires_grad_(), _shard(b, sizes, rank).requires_grad_()
+    h.requires_grad_()
+    log, all_reduce = [], torch.distributed.all_reduce
+
+    def logged(tensor, *args, **kwargs):
+        log.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = logged
+    try:
+        stats = vocab_parallel_linear_spherical_stats(ws, bs)
+        stats_bytes, log[:] = list(log), []
+        loss = vocab_parallel_linear_spherical_loss(h, ws, t, linear_bias=bs, stats=stats)
+        forward_bytes, log[:] = list(log), []
+        loss.backward()
+        return stats_bytes, forward_bytes, list(log)
+    finally:
+        torch.distributed.all_reduce = all_reduce
+
+
 def _all_checks(rank, world, seed, size_sets):
     """Everything that needs ranks, in one spawn (starting ranks costs seconds)."""
-    results = {"loss": _check_against_single_process(rank, world, seed, size_sets)}
+    results = {"loss": _check_against_single_process(rank, world, seed, size_sets),
+               "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0])}
     for fsdp in (False, True):
         for detect in (False, True):
             results[f"head fsdp={fsdp} detect_data_writes={detect}"] = _train_like_single_process(
@@ -205,6 +229,14 @@ def test_vocab_parallel_loss_equals_single_process(on_ranks):
         bad = {k: v for k, v in errors.items() if not v < TOL}
         assert not bad, bad
         assert stale_err > 1e-6  # statistics of another weight: far beyond TOL, the comparison can fail
+
+
+def test_vocab_parallel_communication(on_ranks):
+    """What docs/distributed.md's table counts: the statistics (d' + P float64, once per weight
+    version), one (N, 2) buffer forward, one (N, d) partial input gradient backward."""
+    world = len(on_ranks)
+    for rank_results in on_ranks:
+        assert rank_results["bytes"] == ([(6 + 1 + world) * 8], [9 * 2 * 8], [9 * 6 * 8])
 
 
 def test_vocab_parallel_non_finite_like_single_process(on_ranks):
