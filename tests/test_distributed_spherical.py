@@ -179,6 +179,26 @@ def _train_like_single_process(rank, world, seed, fsdp: bool, detect_data_writes
     return errors, reused, recomputed
 
 
+def _low_precision_errors(rank, seed, sizes):
+    """fp32 and bf16: the error against the fp64 single-process op of the vocab-parallel loss and, for
+    scale, of the single-process op in the same dtype (max over loss and gradients)."""
+    sizes = [20 * s for s in sizes]
+    h, w, b, t, up = _problem(seed, 64, 32, sum(sizes), True, offset=0.3)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        low = [x.to(dtype) for x in (h, w, b, up)]
+        for kind in KINDS:
+            ref = _loss_and_grads(fusedtrain.linear_spherical_loss, h, w, b, t, up, "mean", kind=kind)
+            single = _loss_and_grads(fusedtrain.linear_spherical_loss, *low[:3], t, low[3], "mean", kind=kind)
+            got = _loss_and_grads(vocab_parallel_linear_spherical_loss, low[0], _shard(low[1], sizes, rank),
+                                  _shard(low[2], sizes, rank), t, low[3], "mean", kind=kind)
+            ref[2:], single[2:] = [_shard(x, sizes, rank) for x in ref[2:]], [_shard(x, sizes, rank) for x in single[2:]]
+            assert all(x.dtype == dtype for x in got)
+            out.append((f"{dtype} {kind}", max(rel_err(x, y) for x, y in zip(got, ref)),
+                        max(rel_err(x, y) for x, y in zip(single, ref))))
+    return out
+
+
 def _bytes_all_reduced(rank, world, seed, sizes):
     """Bytes of each all-reduce of: the statistics, a forward, its backward (N = 9, d = 6, bias, fp64)."""
     h, w, b, t, _ = _problem(seed, 9, 6, sum(sizes), True)
@@ -205,7 +225,8 @@ def _bytes_all_reduced(rank, world, seed, sizes):
 def _all_checks(rank, world, seed, size_sets):
     """Everything that needs ranks, in one spawn (starting ranks costs seconds)."""
     results = {"loss": _check_against_single_process(rank, world, seed, size_sets),
-               "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0])}
+               "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0]),
+               "low precision": _low_precision_errors(rank, seed, size_sets[0])}
     for fsdp in (False, True):
         for detect in (False, True):
             results[f"head fsdp={fsdp} detect_data_writes={detect}"] = _train_like_single_process(
@@ -237,6 +258,12 @@ def test_vocab_parallel_communication(on_ranks):
     world = len(on_ranks)
     for rank_results in on_ranks:
         assert rank_results["bytes"] == ([(6 + 1 + world) * 8], [9 * 2 * 8], [9 * 6 * 8])
+
+
+def test_vocab_parallel_low_precision_as_accurate_as_single_process(on_ranks):
+    for rank_results in on_ranks:
+        for name, mine, single in rank_results["low precision"]:
+            assert mine <= 2 * single + 1e-6, (name, mine, single)
 
 
 def test_vocab_parallel_non_finite_like_single_process(on_ranks):
