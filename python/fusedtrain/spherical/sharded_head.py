@@ -17,30 +17,35 @@ Both need the statistics cache keyed on what really identifies the weight's valu
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
 from .linear import linear_spherical_stats
 from .vocab_parallel import vocab_parallel_linear_spherical_loss, vocab_parallel_linear_spherical_stats
 
-try:  # torch.distributed may be built without DTensor / FSDP2 (then no head can be sharded)
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    FSDPModule = DTensor = Shard = None
-
 __all__ = ["is_sharded", "is_vocab_sharded", "cached_stats", "vocab_parallel_forward"]
 
 
+def _loaded_class(module: str, name: str):
+    """A class of DTensor or FSDP2 when the user's program imported its module, else None: no object of
+    it can exist then, and importing them here would add seconds to `import fusedtrain`."""
+    return getattr(sys.modules.get(module), name, None)
+
+
 def _is_fsdp(head) -> bool:
-    return FSDPModule is not None and (isinstance(head, FSDPModule) or getattr(head, "_is_fsdp_managed_module", False))
+    fsdp_module = _loaded_class("torch.distributed.fsdp", "FSDPModule")
+    return fsdp_module is not None and (isinstance(head, fsdp_module) or getattr(head, "_is_fsdp_managed_module", False))
 
 
 def is_vocab_sharded(head) -> bool:
     """Whether the head's weight is a DTensor to run vocab parallel (not FSDP's own sharded
     parameter, which its forward replaces by the gathered weight)."""
-    if DTensor is None or not isinstance(head.weight, DTensor) or _is_fsdp(head):
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    if dtensor is None or not isinstance(head.weight, dtensor) or _is_fsdp(head):
         return False
+    from torch.distributed.tensor import DTensor, Shard  # loaded: the weight is one
     weight, bias = head.weight, head.bias
     if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
         raise ValueError(f"SphericalHead runs a DTensor weight placed (Shard(0),) on a 1-D mesh (vocab parallel), "
@@ -108,7 +113,8 @@ def cached_stats(head, tensor_key, same_key):
 
 
 def _replicated_local(t, name: str):
-    if DTensor is None or not isinstance(t, DTensor):
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    if dtensor is None or not isinstance(t, dtensor):
         return t
     if not all(p.is_replicate() for p in t.placements):
         raise ValueError(f"{name} must be replicated over the weight's mesh (the same on every rank), got "
