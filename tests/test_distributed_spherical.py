@@ -67,6 +67,14 @@ def _check_against_single_process(rank, world, seed, size_sets):
                     errors[key] = max(rel_err(x, y) for x, y in zip(got, ref))
     # (batch, sequence) input, a custom ignore_index, and statistics passed in.
     sizes = size_sets[0]
+    for n, d in ((0, 5), (5, 0)):  # no rows; no features (the logits are the bias)
+        g = torch.Generator().manual_seed(seed)
+        h, w = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(sum(sizes), d, generator=g, dtype=torch.float64)
+        b, t = torch.randn(sum(sizes), generator=g, dtype=torch.float64), torch.randint(0, sum(sizes), (n,), generator=g)
+        ref = _loss_and_grads(fusedtrain.linear_spherical_loss, h, w, b, t, torch.ones(n), "sum")
+        got = _loss_and_grads(vocab_parallel_linear_spherical_loss, h, _shard(w, sizes, rank), _shard(b, sizes, rank),
+                              t, torch.ones(n), "sum")
+        errors[f"N={n} d={d}"] = max(rel_err(x, y) for x, y in zip(got, ref[:2] + [_shard(x, sizes, rank) for x in ref[2:]]))
     h, w, b, t, up = _problem(seed, 8, 5, sum(sizes), True)
     t[0], t[1] = 7, 7  # ignored rows: the class id 7 is ignore_index below
     stats = vocab_parallel_linear_spherical_stats(_shard(w, sizes, rank), _shard(b, sizes, rank))
