@@ -230,11 +230,42 @@ def _bytes_all_reduced(rank, world, seed, sizes):
         torch.distributed.all_reduce = all_reduce
 
 
+def _one_rank_data_write_and_placements(rank, world, seed):
+    """A write through `.data` on one rank's shard only: every rank must recompute the statistics
+    (the ranks agree on it; one that did not would leave the others waiting in a collective), and
+    the loss equals the single-process head's on the written weight. Then a weight placed
+    Replicate() must be refused with an error naming the placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(seed)
+    reference = fusedtrain.nn.SphericalHead(5, 11, dtype=torch.float64)
+    head = fusedtrain.nn.SphericalHead(5, 11, dtype=torch.float64)
+    mesh = init_device_mesh("cpu", (world,))
+    head.weight = torch.nn.Parameter(distribute_tensor(reference.weight.detach().clone(), mesh, [Shard(0)]))
+    head.bias = torch.nn.Parameter(distribute_tensor(reference.bias.detach().clone(), mesh, [Shard(0)]))
+    h, t = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 11, (6,))
+    head(h, t)
+    if rank == 0:
+        head.weight.to_local().data[0] += 1.0  # moves no version counter, on rank 0 only
+    with torch.no_grad():
+        reference.weight[0] += 1.0
+    errors = [rel_err(head(h, t), reference(h, t))]
+    head.weight = torch.nn.Parameter(distribute_tensor(reference.weight.detach(), mesh, [Replicate()]))
+    try:
+        head(h, t)
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    return errors, message
+
+
 def _all_checks(rank, world, seed, size_sets):
     """Everything that needs ranks, in one spawn (starting ranks costs seconds)."""
     results = {"loss": _check_against_single_process(rank, world, seed, size_sets),
                "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0]),
-               "low precision": _low_precision_errors(rank, seed, size_sets[0])}
+               "low precision": _low_precision_errors(rank, seed, size_sets[0]),
+               "data write": _one_rank_data_write_and_placements(rank, world, seed)}
     for fsdp in (False, True):
         for detect in (False, True):
             results[f"head fsdp={fsdp} detect_data_writes={detect}"] = _train_like_single_process(
@@ -296,3 +327,10 @@ def test_spherical_head_sharded_equals_single_process(on_ranks, fsdp, detect_dat
         assert max(errors) < TOL, errors
         assert all(reused), reused  # the second micro-batch reuses the statistics
         assert all(recomputed), recomputed  # an optimizer step invalidates them
+
+
+def test_spherical_head_data_write_on_one_rank_and_bad_placement(on_ranks):
+    for rank_results in on_ranks:
+        errors, message = rank_results["data write"]
+        assert max(errors) < TOL, errors
+        assert "Shard(0)" in message and "Replicate" in message, message
