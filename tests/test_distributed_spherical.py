@@ -7,6 +7,7 @@ asserts. Several checks share one spawn (starting ranks costs seconds).
 from __future__ import annotations
 
 import os
+import types
 import zlib
 
 import pytest
@@ -260,9 +261,22 @@ def _one_rank_data_write_and_placements(rank, world, seed):
     return errors, message
 
 
+def _without_weight_grad_kernel(rank, world, seed, size_sets):
+    """The same checks with the weight gradient in PyTorch ops, as on a device with no compiled kernel
+    (the single-process op keeps its kernel)."""
+    from fusedtrain.spherical import vocab_parallel
+    saved = vocab_parallel.backend
+    vocab_parallel.backend = types.SimpleNamespace(use_kernel=lambda op, device: False)
+    try:
+        return _check_against_single_process(rank, world, seed, size_sets)
+    finally:
+        vocab_parallel.backend = saved
+
+
 def _all_checks(rank, world, seed, size_sets):
     """Everything that needs ranks, in one spawn (starting ranks costs seconds)."""
     results = {"loss": _check_against_single_process(rank, world, seed, size_sets),
+               "loss, PyTorch weight gradient": _without_weight_grad_kernel(rank, world, seed, size_sets),
                "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0]),
                "low precision": _low_precision_errors(rank, seed, size_sets[0]),
                "data write": _one_rank_data_write_and_placements(rank, world, seed)}
@@ -283,9 +297,10 @@ def on_ranks(request):
     return run_on_ranks(_all_checks, request.param, seed, size_sets)
 
 
-def test_vocab_parallel_loss_equals_single_process(on_ranks):
+@pytest.mark.parametrize("path", ["loss", "loss, PyTorch weight gradient"], ids=["kernel", "pytorch"])
+def test_vocab_parallel_loss_equals_single_process(on_ranks, path):
     for rank_results in on_ranks:
-        errors, stale_err, _, _ = rank_results["loss"]
+        errors, stale_err, _, _ = rank_results[path]
         bad = {k: v for k, v in errors.items() if not v < TOL}
         assert not bad, bad
         assert stale_err > 1e-6  # statistics of another weight: far beyond TOL, the comparison can fail
@@ -305,9 +320,10 @@ def test_vocab_parallel_low_precision_as_accurate_as_single_process(on_ranks):
             assert mine <= 2 * single + 1e-6, (name, mine, single)
 
 
-def test_vocab_parallel_non_finite_like_single_process(on_ranks):
+@pytest.mark.parametrize("path", ["loss", "loss, PyTorch weight gradient"], ids=["kernel", "pytorch"])
+def test_vocab_parallel_non_finite_like_single_process(on_ranks, path):
     for rank_results in on_ranks:
-        for per_kind in rank_results["loss"][2]:
+        for per_kind in rank_results[path][2]:
             for got, ref in per_kind:
                 assert not ref.all()  # the planted NaN / inf reaches every output
                 assert torch.equal(got, ref)

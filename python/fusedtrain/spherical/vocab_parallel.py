@@ -15,7 +15,8 @@ and o_c. All three split over the shards:
 So the forward is one all-reduce of an (N, 2) buffer [h'ᵀĈ_r h', o_c on the owning rank]; every rank
 then has the whole problem's (s, spread, o_c) and computes the loss and its coefficients
 (α, β, γ) itself. The weight gradient of the shard's rows, 1·(a − M'm)ᵀ + W'_r·M' + Σ_n γ_n e_{c_n} h'_nᵀ,
-needs only the replicated input and the coefficients: no communication. The input gradient
+needs only the replicated input and the coefficients: no communication (the fused op's backward
+kernel computes it on the shard, given D_r·m as its column sums). The input gradient
 α·w̄ + β·C·h' + γ·W_c is a sum over shards of α·D_r·m + β·Ĉ_r·h' + γ·W_c·[c owned]: a partial per rank,
 all-reduced asynchronously while the weight gradient is computed.
 """
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .._core import backend
 from .._core.checks import check_float_tensor, check_tensor
 from .._core.dtypes import accumulate_dtype
 from .checks import (DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters,
@@ -158,6 +160,20 @@ def _loss_and_coefficients(s, spread, oc, target, D: int, hyper: dict):
     return total / count, torch.where(keep.unsqueeze(1), coef / count, coef)
 
 
+def _weight_grads(h, weight, bias, shard_colsum, alpha, beta, gamma, owned, safe):
+    """The shard's rows of ∂L/∂W' = 1·(a − M'·m)ᵀ + W'·M' + Σ_n γ_n e_{c_n} h'_nᵀ in PyTorch ops (no
+    compiled kernel for this device; an empty shard), accumulate type; upstream-scaled coefficients."""
+    acc, d = h.dtype, h.shape[1]
+    hp = h if bias is None else torch.cat([h, h.new_ones((h.shape[0], 1))], dim=1)
+    wp = weight.to(acc) if bias is None else torch.cat([weight.to(acc), bias.to(acc).unsqueeze(1)], dim=1)
+    m_prime = hp.t() @ (beta.unsqueeze(1) * hp)  # M' = H'ᵀ·diag(β)·H'
+    mean = shard_colsum / max(weight.shape[0], 1)  # the global mean row m (shard_colsum = D_r·m)
+    row = hp.t() @ alpha - m_prime @ mean          # a − M'·m, the same for every row
+    grad = torch.addmm(row.unsqueeze(0).expand(wp.shape[0], -1), wp, m_prime)
+    grad.index_add_(0, safe[owned], gamma[owned].unsqueeze(1) * hp[owned])
+    return grad[:, :d].to(weight.dtype), None if bias is None else grad[:, d].to(bias.dtype)
+
+
 class _VocabParallelLoss(torch.autograd.Function):
 
     @staticmethod
@@ -195,10 +211,10 @@ class _VocabParallelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, weight, bias, shard_colsum, proj, coef, owned, safe, keep = ctx.saved_tensors
-        acc = coef.dtype
+        input, weight, bias, shard_colsum, proj, raw_coef, owned, safe, keep = ctx.saved_tensors
+        acc = raw_coef.dtype
         d = input.shape[1]
-        coef = coef * grad_loss.to(acc).reshape(-1, 1)  # a scalar, or (N,) for reduction="none"
+        coef = raw_coef * grad_loss.to(acc).reshape(-1, 1)  # a scalar, or (N,) for reduction="none"
         alpha, beta = coef[:, 0], coef[:, 1]
         gamma = torch.where(owned, coef[:, 2], torch.zeros_like(coef[:, 2]))
         h = input.to(acc)
@@ -213,17 +229,18 @@ class _VocabParallelLoss(torch.autograd.Function):
             partial = torch.where(keep.unsqueeze(1), partial, torch.zeros_like(partial))
             work = dist.all_reduce(partial, group=ctx.group, async_op=True)
         grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]):
-            hp = h if bias is None else torch.cat([h, h.new_ones((h.shape[0], 1))], dim=1)
-            wp = weight.to(acc) if bias is None else torch.cat([weight.to(acc), bias.to(acc).unsqueeze(1)], dim=1)
-            m_prime = hp.t() @ (beta.unsqueeze(1) * hp)  # M' = H'ᵀ·diag(β)·H'
-            mean = shard_colsum / max(weight.shape[0], 1)  # the global mean row m (shard_colsum = D_r·m)
-            row = hp.t() @ alpha - m_prime @ mean          # a − M'·m, the same for every row
-            grad = torch.addmm(row.unsqueeze(0).expand(wp.shape[0], -1), wp, m_prime)
-            grad.index_add_(0, safe[owned], gamma[owned].unsqueeze(1) * hp[owned])
-            grad_weight = grad[:, :d].to(weight.dtype) if ctx.needs_input_grad[1] else None
-            if bias is not None and ctx.needs_input_grad[2]:
-                grad_bias = grad[:, d].to(bias.dtype)
+        want = [bool(ctx.needs_input_grad[1]), bias is not None and bool(ctx.needs_input_grad[2])]
+        if any(want) and weight.shape[0] and backend.use_kernel("linear_spherical_loss", weight.device):
+            # The fused op's own backward on the shard: its `colsum / D` is the mean row it centres
+            # about, so D_r·m makes it the global one; rows whose class another rank owns (or that
+            # are ignored) get target -1 = ignore_index: no scatter, their α and β still count.
+            local_target = torch.where(owned, safe, torch.full_like(safe, -1))
+            _, grad_weight, grad_bias = torch.ops.fusedtrain._linear_spherical_loss_backward(
+                grad_loss, input, weight, bias, local_target, shard_colsum, raw_coef, proj, -1, [False] + want)
+        elif any(want):
+            grad_weight, grad_bias = _weight_grads(h, weight, bias, shard_colsum, alpha, beta, gamma, owned, safe)
+        grad_weight = grad_weight if want[0] else None
+        grad_bias = grad_bias if want[1] else None
         if ctx.needs_input_grad[0]:
             work.wait()
             grad_input = partial.to(input.dtype)
