@@ -8,6 +8,10 @@ from __future__ import annotations
 __all__: list = []
 
 # --- spherical (vocab-parallel fused linear loss) ---
+from .spherical.vocab_parallel import (VocabParallelStats, vocab_parallel_linear_spherical_loss,  # noqa: E402
+                                       vocab_parallel_linear_spherical_stats)
+
+__all__ += ["VocabParallelStats", "vocab_parallel_linear_spherical_loss", "vocab_parallel_linear_spherical_stats"]
 
 # --- mining (DistributedLossWrapper) ---
 from .mining import DistributedLossWrapper  # noqa: E402

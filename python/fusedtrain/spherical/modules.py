@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._core import autocast
+from . import sharded_head
 from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
 from .linear import LinearStats, TopK, linear_spherical_loss, linear_spherical_stats, linear_topk
 from .ops import spherical_loss
@@ -59,22 +60,26 @@ class LinearSphericalLoss(_SphericalLossModule):
 _FINGERPRINT_SAMPLES = 4096
 
 
-def _tensor_key(t: torch.Tensor | None, fingerprint: bool):
+def _tensor_key(t: torch.Tensor | None, fingerprint: bool, *, version: int | None = None,
+                values: torch.Tensor | None = None):
     """What identifies a tensor's values for the cache: storage (held weakly, so a freed storage's
     address cannot be mistaken for it), layout, version and, when asked, a fingerprint of the values
     (writes through `.data` move no version counter): the float64 sum and norm of evenly spaced
-    entries, a read of a few thousand values whatever the weight's size."""
+    entries, a read of a few thousand values whatever the weight's size. `version` / `values`: a
+    sharded weight's (sharded_head.py) version counter and the tensor to fingerprint, when they
+    are not `t`'s own."""
     if t is None:
         return None
+    values_of = t if values is None else values
     values = None
     if fingerprint:
         with torch.no_grad():
-            flat = t.detach().reshape(-1)
+            flat = values_of.detach().reshape(-1)
             sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)]
             values = torch.stack([sample.sum(dtype=torch.float64),
                                   torch.linalg.vector_norm(sample, dtype=torch.float64)]).tolist()
     return (StorageWeakRef(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device,
-            t._version, values)
+            t._version if version is None else version, values)
 
 
 def _same_key(a: tuple, b: tuple | None) -> bool:
@@ -125,6 +130,8 @@ class SphericalHead(LinearSphericalLoss):
 
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
+        if sharded_head.is_sharded(self):  # FSDP2 or a vocab-parallel DTensor weight
+            return sharded_head.cached_stats(self, _tensor_key, _same_key)
         key = self._key()
         # Inside autocast the loss reads the weight cast to the autocast dtype: its own statistics.
         dtype = autocast.policy_dtype(autocast.LOWER, self.weight.device)
@@ -141,7 +148,13 @@ class SphericalHead(LinearSphericalLoss):
         """The loss against `target`; without a target, the logits (as `self.logits(input)`)."""
         if target is None:
             return self.logits(input)
-        stats = None if torch.compiler.is_compiling() else self.stats()
+        if sharded_head.is_vocab_sharded(self):  # a DTensor weight placed Shard(0): vocab parallel
+            return sharded_head.vocab_parallel_forward(self, input, target)
+        # The sharded heads' cache keeps the full-precision statistics: inside autocast they let the op
+        # compute those of the cast weight.
+        amp_sharded = (sharded_head.is_sharded(self)
+                       and autocast.policy_dtype(autocast.LOWER, self.weight.device) is not None)
+        stats = None if torch.compiler.is_compiling() or amp_sharded else self.stats()
         return linear_spherical_loss(input, self.weight, target, linear_bias=self.bias, stats=stats,
                                      **self._loss_kwargs())
 
