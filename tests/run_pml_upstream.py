@@ -38,10 +38,16 @@ def swap_in_fusedtrain() -> None:
             setattr(module, name, getattr(ours, name))
 
 
+def _flatten(suite):
+    for item in suite:
+        yield from (_flatten(item) if isinstance(item, unittest.TestSuite) else (item,))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkout", help="root of a pytorch-metric-learning checkout (holds tests/)")
     parser.add_argument("--impl", choices=["fusedtrain", "pml"], default="fusedtrain")
+    parser.add_argument("-k", dest="only", default="", help="run only the tests whose id contains this")
     args = parser.parse_args(argv)
     os.environ.setdefault("TEST_DEVICE", "cpu")
     checkout = os.path.abspath(args.checkout)
@@ -50,7 +56,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, checkout)
     if args.impl == "fusedtrain":
         swap_in_fusedtrain()
-    suite = unittest.defaultTestLoader.loadTestsFromNames(MODULES)
+    suite = unittest.TestSuite(t for t in _flatten(unittest.defaultTestLoader.loadTestsFromNames(MODULES))
+                               if args.only in t.id())
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors)
     print(f"{args.impl}: {result.testsRun - failed} of {result.testsRun} passed "

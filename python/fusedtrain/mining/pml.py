@@ -29,6 +29,7 @@ from . import distance_tiles as _tiles
 from . import ops as _ops
 from . import reference as _reference
 from .checks import ms_hyperparameters, operands
+from .distances import prepared
 from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, labels_to, loss_inputs,
                          no_extra_kwargs, resolve_distance, zero_loss)
 from .pml_miners import BatchHardMiner, MinedPairs, MultiSimilarityMiner, PairMarginMiner  # noqa: F401
@@ -88,9 +89,9 @@ def _chunks(n: int, d: int, elements: int = 1 << 22):
 
 
 def _pair_similarities(embeddings, ref_emb, anchors, others):
-    """Cosine similarity of the pairs (rows F.normalize'd as in PML's CosineSimilarity)."""
-    q = F.normalize(embeddings, dim=1)
-    r = q if ref_emb is None else F.normalize(ref_emb, dim=1)
+    """Cosine similarity of the pairs (rows F.normalize'd as in PML's CosineSimilarity); bf16/fp16
+    rows in fp32, as the fused ops (so both paths round the loss once, from fp32)."""
+    q, r = prepared(embeddings, ref_emb, COSINE)
     return _PairCosine.apply(q, r, anchors.to(q.device).long(), others.to(q.device).long())
 
 
@@ -234,7 +235,7 @@ class MultiSimilarityLoss(_PmlLoss):
         s_neg = _pair_similarities(embeddings, ref_emb, a2, n)
         pos = _log1p_sum_exp_by_anchor(-self.alpha * (s_pos - self.base), a1, B) / self.alpha
         neg = _log1p_sum_exp_by_anchor(self.beta * (s_neg - self.base), a2, B) / self.beta
-        return self._reduce(already_reduced((pos + neg).mean()), embeddings, labels)
+        return self._reduce(already_reduced((pos + neg).mean().to(embeddings.dtype)), embeddings, labels)
 
 
 class ThresholdConsistentMarginLoss(_PmlLoss):
@@ -275,7 +276,7 @@ class ThresholdConsistentMarginLoss(_PmlLoss):
                                zero)
         neg_term = torch.where(act_neg.any(), ((neg - self.margin_minus) * act_neg).sum() / act_neg.sum().clamp_min(1),
                                zero)
-        return self.lambda_plus * pos_term + self.lambda_minus * neg_term
+        return (self.lambda_plus * pos_term + self.lambda_minus * neg_term).to(embeddings.dtype)
 
 
 class CrossBatchMemory(torch.nn.Module):
