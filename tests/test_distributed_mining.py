@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fusedtrain.mining
+
 from distributed_utils import run_on_ranks
 from fusedtrain.mining import (BatchHardMiner, CrossBatchMemory, DistributedLossWrapper, MultiSimilarityLoss,
                                MultiSimilarityMiner, PairMarginMiner)
@@ -225,3 +227,21 @@ def test_single_process_and_bad_arguments():
         DistributedLossWrapper(MultiSimilarityLoss())(emb, labels[:3])
     with pytest.raises(ValueError, match="enqueue_mask"):
         DistributedLossWrapper(MultiSimilarityLoss())(emb, labels, enqueue_mask=torch.ones(9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MultiSimilarityLoss(distance=fusedtrain.mining.LpDistance()),
+    lambda: MultiSimilarityLoss(reducer=_SumReducer()),
+    lambda: MultiSimilarityLoss(miner=MultiSimilarityMiner(0.1, distance=fusedtrain.mining.LpDistance())),
+], ids=["lp_distance", "sum_reducer", "lp_miner"])
+def test_losses_the_split_cannot_honour_raise(make):
+    # The per-rank split computes the fused cosine/mean MS loss: anything else must not run silently.
+    with pytest.raises(ValueError, match="loss: DistributedLossWrapper"):
+        DistributedLossWrapper(make())
+
+
+class _SumReducer:
+    """A PML-style reducer (duck-typed): the sum of the per-anchor losses."""
+
+    def __call__(self, loss_dict, embeddings, labels):
+        return sum(entry["losses"].sum() for entry in loss_dict.values())

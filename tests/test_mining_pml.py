@@ -100,14 +100,14 @@ def test_pml_multi_similarity_parity(device, tiles, dtype, ref_mode, labels_kind
 def test_pml_batch_hard_and_pair_margin_parity(device, tiles, dtype, with_ref):
     x, labels, r, rl = make_case(50, 70, 10, 5, device, dtype, with_ref=with_ref)
     cos = CosineSimilarity()
-    ours = fm.BatchHardMiner()(x, labels, r, rl)
+    ours = fm.BatchHardMiner(distance=fm.CosineSimilarity())(x, labels, r, rl)
     theirs = pml_miners.BatchHardMiner(distance=cos)(x, labels, r, rl)
     assert all(torch.equal(o, t) for o, t in zip(ours, theirs))
-    ours = fm.PairMarginMiner(0.3, 0.1)(x, labels, r, rl)
+    ours = fm.PairMarginMiner(0.3, 0.1, distance=fm.CosineSimilarity())(x, labels, r, rl)
     theirs = pml_miners.PairMarginMiner(0.3, 0.1, distance=cos)(x, labels, r, rl)
     assert pairs(*ours[:2]) == pairs(*theirs[:2]) and pairs(*ours[2:]) == pairs(*theirs[2:])
     # A triplet tuple into the Multi-Similarity loss (PML converts it to pairs).
-    lo = fm.MultiSimilarityLoss()(x, labels, ours and fm.BatchHardMiner()(x, labels, r, rl), r, rl)
+    lo = fm.MultiSimilarityLoss()(x, labels, fm.BatchHardMiner(distance=fm.CosineSimilarity())(x, labels, r, rl), r, rl)
     lp = pml_losses.MultiSimilarityLoss()(x, labels, pml_miners.BatchHardMiner(distance=cos)(x, labels, r, rl),
                                           r, rl)
     torch.testing.assert_close(lo.double(), lp.double(), rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=1e-7)
@@ -139,8 +139,8 @@ def test_pml_cross_batch_memory_parity(device, dtype, miner):
     d = 8
     make_miner = {"none": lambda lib: None,
                   "multi_similarity": lambda lib: lib.MultiSimilarityMiner(0.1),
-                  "batch_hard": lambda lib: (lib.BatchHardMiner(distance=CosineSimilarity()) if lib is pml_miners
-                                             else lib.BatchHardMiner())}[miner]
+                  "batch_hard": lambda lib: lib.BatchHardMiner(distance=(CosineSimilarity() if lib is pml_miners
+                                                                         else fm.CosineSimilarity()))}[miner]
     ours = fm.CrossBatchMemory(fm.MultiSimilarityLoss(), d, memory_size=40, miner=make_miner(fm))
     theirs = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), d, memory_size=40,
                                          miner=make_miner(pml_miners))

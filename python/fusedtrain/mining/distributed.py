@@ -29,9 +29,18 @@ from . import reference as _reference
 from .checks import check_embeddings, check_labels
 from .pml import (BatchHardMiner, CrossBatchMemory, MultiSimilarityLoss, MultiSimilarityMiner,
                   PairMarginMiner)
+from .pml_common import COSINE
 from .stats import MsStat
 
 _MINERS = (MultiSimilarityMiner, PairMarginMiner, BatchHardMiner)
+
+
+def _split_exactly(loss, miner) -> bool:
+    """Whether the per-rank split computes `loss` with `miner`: the fused op's meaning, that is cosine
+    similarity, PML's mean and no embedding regularizer, with no miner or a cosine MS miner (other
+    distances, reducers and regularizers change what the anchors' losses add up to)."""
+    return (isinstance(loss, MultiSimilarityLoss) and loss.uses_kernels and loss.embedding_regularizer is None
+            and (miner is None or (isinstance(miner, MultiSimilarityMiner) and miner.spec == COSINE)))
 
 
 def _label_counts(labels: torch.Tensor, all_labels: torch.Tensor) -> torch.Tensor:
@@ -88,6 +97,12 @@ class DistributedLossWrapper(torch.nn.Module):
             raise TypeError(f"miner must be None or one of {[m.__name__ for m in _MINERS]}, got {type(miner).__name__}")
         if miner is not None and isinstance(loss, CrossBatchMemory):
             raise ValueError("miner: give it to CrossBatchMemory(loss, ..., miner=...), which mines against its memory")
+        if isinstance(loss, MultiSimilarityLoss):
+            own = miner if isinstance(miner, MultiSimilarityMiner) else (loss.miner if miner is None else None)
+            if not _split_exactly(loss, own):
+                raise ValueError("loss: DistributedLossWrapper splits the MultiSimilarityLoss over ranks exactly for cosine "
+                                 "similarity, the mean reducer and no embedding_regularizer (with a cosine "
+                                 "MultiSimilarityMiner); wrap a CrossBatchMemory, or run this loss in one process")
         self.loss, self.miner, self.process_group = loss, miner, process_group
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
@@ -177,8 +192,8 @@ class DistributedLossWrapper(torch.nn.Module):
             return cbm(embeddings, labels, indices_tuple, enqueue_mask)
         sizes = all_gather_sizes(B_r, group, embeddings.device)
         B = sum(sizes)
-        fusable = (isinstance(cbm.loss, MultiSimilarityLoss) and indices_tuple is None and enqueue_mask is None
-                   and (cbm.miner is None or isinstance(cbm.miner, MultiSimilarityMiner)))
+        fusable = (indices_tuple is None and enqueue_mask is None
+                   and _split_exactly(cbm.loss, cbm.miner if cbm.miner is not None else getattr(cbm.loss, "miner", None)))
         if not fusable:
             # Every rank computes the whole batch's loss (P times the work of the fused path below);
             # the gather's backward sums the P identical gradients, which DDP's average undoes.

@@ -93,14 +93,15 @@ def multi_similarity_mine(embeddings, labels, ref_emb=None, ref_labels=None, *, 
 
 def pair_margin_mine(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin: float = 0.2,
                      neg_margin: float = 0.8):
-    """Pair-margin mining with cosine similarity (PML PairMarginMiner): positives with S < pos_margin,
+    """Pair-margin mining with cosine similarity (PML PairMarginMiner(distance=CosineSimilarity());
+    the class defaults to LpDistance, as PML): positives with S < pos_margin,
     negatives with S > neg_margin. int64 `(a1, p, a2, n)`."""
     return _mine("pair_margin", embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
                  neg_margin=neg_margin)
 
 
 def batch_hard_mine(embeddings, labels, ref_emb=None, ref_labels=None):
-    """Batch-hard mining (PML BatchHardMiner, cosine): int64 `(a, p, n)`, per anchor the lowest-S
+    """Batch-hard mining (PML BatchHardMiner(distance=CosineSimilarity())): int64 `(a, p, n)`, per anchor the lowest-S
     positive and highest-S negative (first index on ties); anchors lacking either are dropped."""
     embeddings, labels, ref_emb, ref_labels = operands(embeddings, labels, ref_emb, ref_labels)
     with torch.no_grad():

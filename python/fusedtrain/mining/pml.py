@@ -1,197 +1,60 @@
-"""pytorch-metric-learning-compatible miners and losses over the fused mining ops.
+"""pytorch-metric-learning-compatible losses: `MultiSimilarityLoss`, `ThresholdConsistentMarginLoss`,
+`CrossBatchMemory` (the miners are in pml_miners.py; maths and every difference from PML:
+docs/mining.md).
 
-Same constructor and call signatures as PML 2.9.0 (cosine similarity, mean reduction), so a user swaps
-the import. Differences from PML, all deliberate:
+Same constructor and call signatures as PML 2.9.0, PML's `distance=`, `reducer=`,
+`embedding_regularizer=` / `embedding_reg_weight=` and `collect_stats=` included, so a user swaps the
+import. Paths:
 
-* Self pairs. PML excludes the diagonal by object identity, in two places that can disagree: the
-  Multi-Similarity miner's thresholds when `ref_emb is embeddings`, the pair lists when
-  `ref_labels is labels`. Here one rule holds for every class: the reference set is the batch itself
-  (self pairs excluded everywhere) exactly when `ref_emb` is None or `ref_emb is embeddings`. The
-  results agree with PML whenever PML's two tests agree (no ref_emb; ref_emb=embeddings with or
-  without ref_labels; a copied ref_emb with its own ref_labels tensor).
-* `ref_emb` without `ref_labels` uses `labels` as the reference labels (as PML does).
-* Only PML's defaults are supported: cosine similarity, MeanReducer, no regularizers; other keyword
-  arguments raise TypeError.
-* Fusion: `MultiSimilarityMiner` returns a lazy `MinedPairs` tuple; PML's usual
-  `loss(emb, labels, miner(emb, labels))` then runs one fused mining + loss op (no index lists), as
-  does `MultiSimilarityLoss(miner=MultiSimilarityMiner(eps))(emb, labels)` (an addition). Any other
-  tuple takes the pair-list path, as in PML.
-* `ThresholdConsistentMarginLoss` honours `ref_emb` (PML 2.9.0 ignores it).
+* Cosine similarity with the mean (PML's defaults): the compiled fused ops. `MultiSimilarityMiner`
+  returns a lazy `MinedPairs`; PML's usual `loss(emb, labels, miner(emb, labels))` then runs one
+  fused mining + loss op (no index lists), as does `MultiSimilarityLoss(miner=MultiSimilarityMiner(eps))`
+  (an addition). Any other tuple takes the pair-list path, as in PML.
+* `LpDistance`, or a reducer other than the mean: the tiled PyTorch path (distance_tiles.py), which
+  hands PML's per-anchor losses to the reducer exactly as PML does.
 
-Kept PML quirk: `MultiSimilarityLoss` returns 0 (as `sum(embeddings * 0)`) when every index list of
-the pairs it would use has at most one element.
+Deliberate differences: one self-pair rule (the reference set is the batch itself exactly when
+`ref_emb` is None or `ref_emb is embeddings`); `ThresholdConsistentMarginLoss` honours `ref_emb`
+(PML 2.9.0 ignores it); bf16/fp16 computed in fp32. Kept PML quirk: `MultiSimilarityLoss` returns
+0 (as `sum(embeddings * 0)`) when every index list of the pairs it would use has at most one element.
 """
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .._core import backend
 from .._core.checks import check_finite
+from . import distance_tiles as _tiles
 from . import ops as _ops
 from . import reference as _reference
 from .checks import ms_hyperparameters, operands
+from .distances import prepared
+from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, labels_to, loss_inputs,
+                         no_extra_kwargs, resolve_distance, zero_loss)
+from .pml_miners import BatchHardMiner, MinedPairs, MultiSimilarityMiner, PairMarginMiner  # noqa: F401
+from .reducers import already_reduced, check_reducer, check_regularizer, element_losses, is_plain_mean, reduce
 from .stats import MsStat
 
 
-def _no_extra_kwargs(cls_name: str, kwargs: dict) -> None:
-    if kwargs:
-        raise TypeError(f"{cls_name}: unsupported arguments {sorted(kwargs)} (only cosine similarity and "
-                        "PML's default mean reduction are implemented)")
+class _PmlLoss(torch.nn.Module):
+    """PML's BaseMetricLossFunction options: distance, reducer, embedding regularizer, collect_stats."""
 
-
-def _reference_set(embeddings, labels, ref_emb, ref_labels):
-    """PML's set_ref_emb: (ref_emb or None for the batch itself, ref_labels)."""
-    if ref_emb is None or ref_emb is embeddings:
-        return None, None
-    return ref_emb, (labels if ref_labels is None else ref_labels)
-
-
-def _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    """A PML loss's argument handling: labels or a tuple is needed, labels move to the embeddings'
-    device (as PML), and the reference set is resolved. Returns (labels, ref_emb, ref_labels)."""
-    if labels is None and indices_tuple is None:
-        raise ValueError("labels and indices_tuple cannot both be None")
-    labels = _labels_to(labels, embeddings)
-    return (labels,) + _reference_set(embeddings, labels, ref_emb, ref_labels)
-
-
-def _labels_to(labels, embeddings):
-    """PML moves the labels to the embeddings' device; meta tensors hold no values to move."""
-    if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
-        if labels.is_meta != embeddings.is_meta:
-            raise ValueError(f"labels is on {labels.device} but embeddings is on {embeddings.device}")
-        labels = labels.to(embeddings.device)
-    return labels
-
-
-def _zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
-    return torch.sum(embeddings * 0)
-
-
-class _Miner(torch.nn.Module):
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        ref_emb, ref_labels = _reference_set(embeddings, labels, ref_emb, ref_labels)
-        labels = _labels_to(labels, embeddings)
-        return self.mine(embeddings, labels, ref_emb, ref_labels)
-
-
-class MinedPairs(Sequence):
-    """What `MultiSimilarityMiner` returns: the `(a1, p, a2, n)` int64 tuple, mined on first access.
-
-    It behaves as PML's tuple (len 4, indexing, slicing, unpacking). Handed unread to
-    `MultiSimilarityLoss` with the same embeddings/labels/reference objects it was mined from — PML's
-    usual `loss(emb, labels, miner(emb, labels))` — the loss runs the fused mining + loss op and the
-    B·M-sized index lists are never built. Mining reads the embeddings' values at first access.
-    """
-
-    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
-        self.miner, self._source = miner, (embeddings, labels, ref_emb, ref_labels)
-        self._pairs = None
-
-    def _get(self) -> tuple:
-        if self._pairs is None:
-            embeddings, labels, ref_emb, ref_labels = self._source
-            self._pairs = _ops.multi_similarity_mine(embeddings, labels, ref_emb, ref_labels,
-                                                     epsilon=self.miner.epsilon)
-        return self._pairs
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index):
-        return self._get()[index]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __repr__(self) -> str:
-        return f"MinedPairs({'unread' if self._pairs is None else self._pairs})"
-
-    def mined_from(self, embeddings, labels, ref_emb, ref_labels) -> bool:
-        return all(a is b for a, b in zip(self._source, (embeddings, labels, ref_emb, ref_labels)))
-
-
-class MultiSimilarityMiner(_Miner):
-    """PML `MultiSimilarityMiner(epsilon)`: returns `(a1, p, a2, n)` (int64) as a `MinedPairs`."""
-
-    def __init__(self, epsilon: float = 0.1, **kwargs):
+    def __init__(self, default_spec, distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats):
         super().__init__()
-        _no_extra_kwargs("MultiSimilarityMiner", kwargs)
-        self.epsilon = check_finite("epsilon", epsilon)
+        owner = type(self).__name__
+        self.distance, self.spec = resolve_distance(distance, default_spec, owner)
+        self.reducer = check_reducer(reducer, owner)
+        self.embedding_regularizer, self.embedding_reg_weight = check_regularizer(
+            embedding_regularizer, embedding_reg_weight, owner)
+        self.collect_stats = collect_stats_flag(collect_stats)
 
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
-        operands(embeddings, labels, ref_emb, ref_labels)  # bad input fails here, not later
-        return MinedPairs(self, embeddings, labels, ref_emb, ref_labels)
-
-
-class PairMarginMiner(_Miner):
-    """PML `PairMarginMiner(pos_margin, neg_margin)` with cosine similarity: positives with
-    S < pos_margin, negatives with S > neg_margin. Returns `(a1, p, a2, n)`."""
-
-    def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8, **kwargs):
-        super().__init__()
-        _no_extra_kwargs("PairMarginMiner", kwargs)
-        self.pos_margin = check_finite("pos_margin", pos_margin)
-        self.neg_margin = check_finite("neg_margin", neg_margin)
-
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
-        return _ops.pair_margin_mine(embeddings, labels, ref_emb, ref_labels, pos_margin=self.pos_margin,
-                                     neg_margin=self.neg_margin)
-
-
-class BatchHardMiner(_Miner):
-    """PML `BatchHardMiner()` with cosine similarity: returns `(a, p, n)`."""
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        _no_extra_kwargs("BatchHardMiner", kwargs)
-
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
-        return _ops.batch_hard_mine(embeddings, labels, ref_emb, ref_labels)
-
-
-def _convert_to_pairs(indices_tuple):
-    if len(indices_tuple) == 4:
-        return tuple(indices_tuple)
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        return a, p, a, n
-    raise ValueError(f"indices_tuple must have 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {len(indices_tuple)}")
-
-
-def _checked_pairs(indices_tuple, B: int, M: int, device):
-    """`(a1, p, a2, n)` as int64 on `device`: 1-D integer tensors, anchors in [0, B), the others in
-    [0, M), a1/p and a2/n of one length. Out-of-range or negative indices would otherwise pick
-    other rows (negative ones wrap) or, once pairs are encoded as a·M + p, other pairs. Reads the
-    values (a host sync on CUDA, as the pair-list path's torch.unique does anyway)."""
-    if device.type == "meta":
-        raise ValueError("embeddings is on meta: a loss over an indices_tuple reads the pair indices and "
-                         "similarities (values meta tensors do not have)")
-    pairs = _convert_to_pairs(indices_tuple)
-    # Each of (a1, p, a2, n) as the user named it: a 3-tuple's anchors serve both sides.
-    names = [f"indices_tuple[{i}] ({n})" for i, n in
-             (((0, "a"), (1, "p"), (0, "a"), (2, "n")) if len(indices_tuple) == 3
-              else ((0, "a1"), (1, "p"), (2, "a2"), (3, "n")))]
-    for name, t in zip(names, pairs):
-        if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()
-                and t.dtype != torch.bool):
-            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a 1-D integer tensor, got {got}")
-        if t.is_meta:
-            raise ValueError(f"{name} is on meta: the pair-list path reads the indices (pass no indices_tuple "
-                             "for the fused op)")
-    pairs = tuple(t.to(device=device, dtype=torch.long) for t in pairs)
-    for i in (0, 2):
-        if pairs[i].shape != pairs[i + 1].shape:
-            raise ValueError(f"{names[i]} and {names[i + 1]} must have one length, got {pairs[i].shape[0]} "
-                             f"and {pairs[i + 1].shape[0]}")
-    for name, t, limit in zip(names, pairs, (B, M, B, M)):
-        if t.numel() and bool(((t < 0) | (t >= limit)).any()):
-            raise ValueError(f"{name} holds indices outside [0, {limit})")
-    return pairs
+    def _reduce(self, entry: dict, embeddings, labels):
+        """PML's reduction of the loss entry (plus the regularizer's entry when set)."""
+        if is_plain_mean(self.reducer) and self.embedding_regularizer is None and torch.is_tensor(entry["losses"]):
+            if entry["reduction_type"] == "already_reduced":
+                return entry["losses"]
+        return reduce(self.reducer, self.embedding_regularizer, self.embedding_reg_weight, entry, embeddings, labels)
 
 
 class _PairCosine(torch.autograd.Function):
@@ -226,9 +89,9 @@ def _chunks(n: int, d: int, elements: int = 1 << 22):
 
 
 def _pair_similarities(embeddings, ref_emb, anchors, others):
-    """Cosine similarity of the pairs (rows F.normalize'd as in PML's CosineSimilarity)."""
-    q = F.normalize(embeddings, dim=1)
-    r = q if ref_emb is None else F.normalize(ref_emb, dim=1)
+    """Cosine similarity of the pairs (rows F.normalize'd as in PML's CosineSimilarity); bf16/fp16
+    rows in fp32, as the fused ops (so both paths round the loss once, from fp32)."""
+    q, r = prepared(embeddings, ref_emb, COSINE)
     return _PairCosine.apply(q, r, anchors.to(q.device).long(), others.to(q.device).long())
 
 
@@ -251,100 +114,169 @@ def _unique_pairs(anchors, others, M):
 _OWN_MINER = object()  # MultiSimilarityLoss.fused's default: the loss's own miner
 
 
-class MultiSimilarityLoss(torch.nn.Module):
-    """PML `MultiSimilarityLoss(alpha, beta, base)`; `miner=MultiSimilarityMiner(eps)` (optional)
-    makes calls without an indices_tuple run the fused mining + loss op."""
+class MultiSimilarityLoss(_PmlLoss):
+    """PML `MultiSimilarityLoss(alpha, beta, base, distance=CosineSimilarity(), reducer=MeanReducer())`;
+    `miner=MultiSimilarityMiner(eps)` (optional) makes calls without an indices_tuple mine first,
+    fused with the loss when both use one distance."""
 
-    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5, miner=None, **kwargs):
-        super().__init__()
-        _no_extra_kwargs("MultiSimilarityLoss", kwargs)
+    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5, miner=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None, **kwargs):
+        no_extra_kwargs("MultiSimilarityLoss", kwargs)
+        super().__init__(COSINE, distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats)
         self.alpha, self.beta, self.base, _ = ms_hyperparameters(alpha, beta, base, 0.0)
         if miner is not None and not isinstance(miner, MultiSimilarityMiner):
             raise TypeError(f"miner must be a fusedtrain.mining.MultiSimilarityMiner, got {type(miner).__name__}")
         self.miner = miner
 
+    @property
+    def uses_kernels(self) -> bool:
+        """Cosine with the mean: the compiled fused op (else the tiled path)."""
+        return self.spec == COSINE and is_plain_mean(self.reducer)
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels = _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        labels, ref_emb, ref_labels = loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if indices_tuple is None:
             return self.fused(embeddings, labels, ref_emb, ref_labels)
-        if isinstance(indices_tuple, MinedPairs) and indices_tuple.mined_from(embeddings, labels, ref_emb, ref_labels):
-            return self.fused(embeddings, labels, ref_emb, ref_labels, miner=indices_tuple.miner)
-        return self.from_pairs(embeddings, indices_tuple, ref_emb)
+        if (isinstance(indices_tuple, MinedPairs) and indices_tuple.miner.spec == self.spec
+                and indices_tuple.mined_from(embeddings, labels, ref_emb, ref_labels)):
+            return self.fused(embeddings, labels, ref_emb, ref_labels, miner=indices_tuple.miner, record=indices_tuple)
+        return self.from_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
-    def fused(self, embeddings, labels, ref_emb, ref_labels, self_index=None, miner=_OWN_MINER):
-        """Mining (with `miner`, default this loss's own; None: all pairs) + loss in one op; PML's
-        at-most-one-pair quirk applied."""
+    def fused(self, embeddings, labels, ref_emb, ref_labels, self_index=None, miner=_OWN_MINER, record=None):
+        """Mining (with `miner`, default this loss's own; None: all pairs) + loss, without index lists
+        when the miner's distance is the loss's; PML's at-most-one-pair quirk applied. `record`: a
+        MinedPairs that gets the mined counts."""
         miner = self.miner if miner is _OWN_MINER else miner
+        if miner is not None and miner.spec != self.spec:  # two distances: PML's two steps
+            return self.from_pairs(embeddings, labels, miner(embeddings, labels, ref_emb, ref_labels), ref_emb,
+                                   ref_labels)
         mine, epsilon = miner is not None, (miner.epsilon if miner is not None else 0.0)
+        if not self.uses_kernels:
+            return self._tiled(embeddings, labels, ref_emb, ref_labels, epsilon if mine else None, record)
         kw = dict(alpha=self.alpha, beta=self.beta, base=self.base, epsilon=epsilon, mine=mine)
         if backend.use_kernel("multi_similarity_loss", embeddings.device):
             loss, stats = _ops.multi_similarity_loss_with_stats(embeddings, labels, ref_emb, ref_labels,
                                                                 self_index=self_index, **kw)
             n_pos, n_neg = stats[:, MsStat.NUM_POS].sum(), stats[:, MsStat.NUM_NEG].sum()
+            n_self = self._self_pairs_mined(embeddings, ref_emb, self_index, stats, epsilon) if mine else 0
         else:
             loss = _ops.multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, self_index=self_index, **kw)
-            n_pos, n_neg = self._reference_counts(embeddings, labels, ref_emb, ref_labels, self_index, mine, epsilon)
+            n_pos, n_self, n_neg = self._reference_counts(embeddings, labels, ref_emb, ref_labels, self_index, mine,
+                                                          epsilon)
+        if record is not None:
+            record._counts = (n_pos, n_neg)
+        if self_index is not None and mine:
+            miner.record_counts(n_pos + n_self, n_neg)  # PML's miner saw the self pairs
         # PML: 0 when every index list has at most one element (decided on the device, no sync).
-        return torch.where((n_pos <= 1) & (n_neg <= 1), _zero_loss(embeddings).to(loss.dtype), loss)
+        loss = torch.where((n_pos <= 1) & (n_neg <= 1), zero_loss(embeddings).to(loss.dtype), loss)
+        return self._reduce(already_reduced(loss), embeddings, labels)
+
+    @staticmethod
+    def _self_pairs_mined(embeddings, ref_emb, self_index, stats, epsilon):
+        """How many anchors' own memory slots (self_index) the miner kept as positives: the kernel
+        counts loss pairs, which exclude them. s − ε < hardest negative, as the miner decides."""
+        if self_index is None:
+            return 0
+        with torch.no_grad():
+            valid = (self_index >= 0) & (self_index < ref_emb.shape[0])
+            q = F.normalize(embeddings.detach()[valid].float(), dim=1)
+            r = F.normalize(ref_emb.detach()[self_index[valid]].float(), dim=1)
+            s_self = (q * r).sum(1)
+            return ((s_self - epsilon) < stats[valid, MsStat.MAX_NEG].float()).sum()
 
     @staticmethod
     def _reference_counts(embeddings, labels, ref_emb, ref_labels, self_index, mine, epsilon):
+        """(loss positives, self slots among the mined positives, negatives) from the reference masks."""
         with torch.no_grad():
             S, pos, neg = _reference.similarity_masks(embeddings.detach(), labels.long(), ref_emb, ref_labels)
             keep_pos, keep_neg = _reference.multi_similarity_masks(S, pos, neg, epsilon) if mine else (pos, neg)
-            n_pos = keep_pos.sum()
+            n_pos, n_self = keep_pos.sum(), keep_pos.sum() * 0
             if self_index is not None and S.shape[0]:
                 rows = torch.arange(S.shape[0], device=S.device)
                 valid = (self_index >= 0) & (self_index < S.shape[1])
-                n_pos = n_pos - keep_pos[rows[valid], self_index[valid]].sum()
-            return n_pos, keep_neg.sum()
+                n_self = keep_pos[rows[valid], self_index[valid]].sum()
+                n_pos = n_pos - n_self
+            return n_pos, n_self, keep_neg.sum()
 
-    def from_pairs(self, embeddings, indices_tuple, ref_emb):
-        """The loss over given pairs (PML's mat-based path, computed from the pair lists)."""
+    def _tiled(self, embeddings, labels, ref_emb, ref_labels, epsilon, record):
+        """Any distance or reducer, mining (epsilon not None) or all pairs, without B×M."""
+        tiles = _tiles.Tiles(*operands(embeddings, labels, ref_emb, ref_labels), self.spec)
+        inverted = self.spec.is_inverted
+        if epsilon is None:
+            def select(b, e, mat, pos, neg):
+                return pos, neg
+        else:
+            def select(b, e, mat, pos, neg):
+                return _tiles.ms_keep(mat, pos, neg, epsilon, inverted)
+        losses, n_pos, n_neg = _tiles.ms_losses(tiles, select, self.alpha, self.beta, self.base)
+        if record is not None:
+            record._counts = (n_pos, n_neg)
+        return self._reduce_per_anchor(losses, int(n_pos) <= 1 and int(n_neg) <= 1, embeddings, labels)
+
+    def _reduce_per_anchor(self, losses, quirk_zero: bool, embeddings, labels):
+        entry = already_reduced(0) if quirk_zero else element_losses(losses.to(embeddings.dtype))
+        return self._reduce(entry, embeddings, labels)
+
+    def from_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The loss over given pairs (PML's mat-based path: a pair listed twice counts once)."""
         B = embeddings.shape[0]
         M = B if ref_emb is None else ref_emb.shape[0]
-        a1, p, a2, n = _checked_pairs(indices_tuple, B, M, embeddings.device)
+        a1, p, a2, n = checked_pairs(indices_tuple, B, M, embeddings.device)
         if all(len(x) <= 1 for x in (a1, p, a2, n)):
-            return _zero_loss(embeddings)
+            return self._reduce(already_reduced(0), embeddings, labels)
+        if not self.uses_kernels:
+            tiles = _tiles.Tiles(*operands(embeddings, labels, ref_emb, ref_labels), self.spec)
+            losses, _, _ = _tiles.ms_losses(tiles, _tiles.PairListSelect(a1, p, a2, n, M), self.alpha, self.beta,
+                                            self.base)
+            return self._reduce_per_anchor(losses, False, embeddings, labels)
         a1, p = _unique_pairs(a1, p, M)
         a2, n = _unique_pairs(a2, n, M)
         s_pos = _pair_similarities(embeddings, ref_emb, a1, p)
         s_neg = _pair_similarities(embeddings, ref_emb, a2, n)
         pos = _log1p_sum_exp_by_anchor(-self.alpha * (s_pos - self.base), a1, B) / self.alpha
         neg = _log1p_sum_exp_by_anchor(self.beta * (s_neg - self.base), a2, B) / self.beta
-        return (pos + neg).mean()
+        return self._reduce(already_reduced((pos + neg).mean().to(embeddings.dtype)), embeddings, labels)
 
 
-class ThresholdConsistentMarginLoss(torch.nn.Module):
-    """PML `ThresholdConsistentMarginLoss(lambda_plus, lambda_minus, margin_plus, margin_minus)`;
-    without an indices_tuple it runs the fused op over all pairs (honouring ref_emb)."""
+class ThresholdConsistentMarginLoss(_PmlLoss):
+    """PML `ThresholdConsistentMarginLoss(lambda_plus, lambda_minus, margin_plus, margin_minus)`
+    (cosine only, as PML); without an indices_tuple it runs the fused op over all pairs (honouring
+    ref_emb). The loss is one number, which PML's reducers pass through."""
 
     def __init__(self, lambda_plus: float = 1.0, lambda_minus: float = 1.0, margin_plus: float = 0.9,
-                 margin_minus: float = 0.5, **kwargs):
-        super().__init__()
-        _no_extra_kwargs("ThresholdConsistentMarginLoss", kwargs)
+                 margin_minus: float = 0.5, distance=None, reducer=None, embedding_regularizer=None,
+                 embedding_reg_weight=1, collect_stats=None, **kwargs):
+        no_extra_kwargs("ThresholdConsistentMarginLoss", kwargs)
+        super().__init__(COSINE, distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats)
+        if self.spec != COSINE:
+            raise TypeError("ThresholdConsistentMarginLoss: distance must be CosineSimilarity() (as in PML), got "
+                            f"{type(self.distance).__name__}")
         self.lambda_plus = check_finite("lambda_plus", lambda_plus)
         self.lambda_minus = check_finite("lambda_minus", lambda_minus)
         self.margin_plus = check_finite("margin_plus", margin_plus)
         self.margin_minus = check_finite("margin_minus", margin_minus)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels = _loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        labels, ref_emb, ref_labels = loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self._reduce(already_reduced(self._loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)),
+                            embeddings, labels)
+
+    def _loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if indices_tuple is None:
             return _ops.tcm_loss(embeddings, labels, ref_emb, ref_labels, lambda_plus=self.lambda_plus,
                                  lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
                                  margin_minus=self.margin_minus)
         B = embeddings.shape[0]
-        ap, p, an, n = _checked_pairs(indices_tuple, B, B if ref_emb is None else ref_emb.shape[0], embeddings.device)
+        ap, p, an, n = checked_pairs(indices_tuple, B, B if ref_emb is None else ref_emb.shape[0], embeddings.device)
         pos = _pair_similarities(embeddings, ref_emb, ap, p)
         neg = _pair_similarities(embeddings, ref_emb, an, n)
         act_pos, act_neg = pos <= self.margin_plus, neg >= self.margin_minus
-        zero = _zero_loss(embeddings)
+        zero = zero_loss(embeddings)
         pos_term = torch.where(act_pos.any(), ((self.margin_plus - pos) * act_pos).sum() / act_pos.sum().clamp_min(1),
                                zero)
         neg_term = torch.where(act_neg.any(), ((neg - self.margin_minus) * act_neg).sum() / act_neg.sum().clamp_min(1),
                                zero)
-        return self.lambda_plus * pos_term + self.lambda_minus * neg_term
+        return (self.lambda_plus * pos_term + self.lambda_minus * neg_term).to(embeddings.dtype)
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -354,14 +286,28 @@ class CrossBatchMemory(torch.nn.Module):
     `MultiSimilarityLoss` and no miner or a `MultiSimilarityMiner`, and no indices_tuple /
     enqueue_mask, the call is one fused op; otherwise the miner's pairs go to `loss`."""
 
-    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
+    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, collect_stats=None,
+                 **kwargs):
         super().__init__()
-        _no_extra_kwargs("CrossBatchMemory", kwargs)
+        no_extra_kwargs("CrossBatchMemory", kwargs)
+        self.collect_stats = collect_stats_flag(collect_stats)
         if int(memory_size) <= 0 or int(embedding_size) <= 0:
             raise ValueError(f"memory_size and embedding_size must be > 0, got {memory_size}, {embedding_size}")
         self.loss, self.miner = loss, miner
         self.embedding_size, self.memory_size = int(embedding_size), int(memory_size)
         self.reset_queue()
+
+    @staticmethod
+    def supported_losses() -> list[str]:
+        """PML's list of the losses CrossBatchMemory supports (by class name)."""
+        return ["AngularLoss", "CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss", "IntraPairVarianceLoss",
+                "LiftedStructureLoss", "MarginLoss", "MultiSimilarityLoss", "NCALoss", "NTXentLoss",
+                "SignalToNoiseRatioContrastiveLoss", "SupConLoss", "TripletMarginLoss", "TupletMarginLoss"]
+
+    @classmethod
+    def check_loss_support(cls, loss_name: str) -> None:
+        if loss_name not in cls.supported_losses():
+            raise ValueError(f"CrossBatchMemory not supported for {loss_name}")
 
     def reset_queue(self):
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
@@ -398,7 +344,7 @@ class CrossBatchMemory(torch.nn.Module):
         elif len(embeddings) > self.memory_size:
             raise ValueError(f"a batch of {len(embeddings)} does not fit a memory of {self.memory_size}")
         device = embeddings.device
-        labels = _labels_to(labels, embeddings)
+        labels = labels_to(labels, embeddings)
         self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
         self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
         if enqueue_mask is not None:
@@ -411,15 +357,19 @@ class CrossBatchMemory(torch.nn.Module):
         self.add_to_memory(emb_q, lab_q, len(emb_q))
         end = self.memory_size if self.has_been_filled else self.queue_idx
         E_mem, L_mem = self.embedding_memory[:end], self.label_memory[:end]
-        fusable = (isinstance(self.loss, MultiSimilarityLoss) and indices_tuple is None
-                   and (self.miner is None or isinstance(self.miner, MultiSimilarityMiner)))
+        fusable = (isinstance(self.loss, MultiSimilarityLoss) and self.loss.uses_kernels and indices_tuple is None
+                   and (self.miner is None or (isinstance(self.miner, MultiSimilarityMiner)
+                                               and self.miner.spec == self.loss.spec)))
         if fusable:
             self_index = self.curr_batch_idx if remove_self else None
             return self.loss.fused(embeddings, labels, E_mem, L_mem, self_index=self_index, miner=self.miner)
-        pairs = self._indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, remove_self)
+        pairs = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, remove_self)
         return self.loss(embeddings, labels, pairs, E_mem, L_mem)
 
-    def _indices_tuple(self, embeddings, labels, E_mem, L_mem, input_tuple, remove_self):
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        """PML's pairs for a call: the miner's (or all pairs), without each anchor's own memory slot
+        (`curr_batch_idx`) when `do_remove_self_comparisons`, then `input_indices_tuple` appended."""
+        input_tuple, remove_self = input_indices_tuple, do_remove_self_comparisons
         if self.miner is not None:
             pairs = self.miner(embeddings, labels, E_mem, L_mem)
         else:
@@ -432,7 +382,7 @@ class CrossBatchMemory(torch.nn.Module):
                 (anchors[keep], others[keep], pairs[2], pairs[3])
         if input_tuple is not None:
             if len(input_tuple) == 3 and len(pairs) == 4:
-                input_tuple = _convert_to_pairs(input_tuple)
+                input_tuple = convert_to_pairs(input_tuple)
             elif len(input_tuple) == 4 and len(pairs) == 3:
                 raise ValueError("a 4-tuple of pairs cannot be combined with a triplet miner's output")
             pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, input_tuple))
