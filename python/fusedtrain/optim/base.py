@@ -201,21 +201,28 @@ class FRUGALBase(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         state["adam_step"] = 0
 
+    def _begin_step(self, state: dict, group: dict, param: torch.Tensor, grad: torch.Tensor) -> tuple[bool, dict]:
+        """Counts the step of `param` (the tensor the fused op updates: a parameter, or this rank's
+        shard of one) and returns (whether its subspace is redrawn now, its work entry before any
+        projection: the gradient, negated under maximize, and no moments)."""
+        if "step" not in state:
+            state["step"] = 0
+        refresh = state["step"] % group["update_gap"] == 0
+        state["step"] += 1
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        if group.get("maximize", False):  # FRUGAL on −g, moments included (torch's maximize)
+            grad = -grad
+        empty, no_indices = self._empties(param)
+        return refresh, dict(params=param, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
+                             residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)
+
     def _prepare(self, p: torch.Tensor, group: dict) -> dict:
         """This step's work for param p (an entry of each of the fused op's lists)."""
         if is_sharded(p):  # a DTensor (FSDP2): the step runs on this rank's shard
             return prepare_shard(self, p, group)
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-        refresh = state["step"] % group["update_gap"] == 0
-        state["step"] += 1
-        grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-        if group.get("maximize", False):  # FRUGAL on −g, moments included (torch's maximize)
-            grad = -grad
-        empty, no_indices = self._empties(p)
-        work = dict(params=p, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
-                    residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)
+        refresh, work = self._begin_step(state, group, p, p.grad)
+        grad = work["grads"]
         proj = group["proj"]
         rows, cols = matrix_shape(p)
         if proj is None or p.dim() < 2 or (proj == "block" and state.get("active", False)):

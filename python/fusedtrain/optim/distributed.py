@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .._core.dtypes import accumulate_dtype
-from .subspace import (COLUMNS, DENSE, FREE, RESIDUAL, ROWS,
+from .subspace import (COLUMNS, DENSE, RESIDUAL, ROWS,
                        matrix_shape, random_basis, select_indices, subspace_size, svd_basis)
 
 try:  # torch.distributed.tensor needs a build with torch.distributed
@@ -193,19 +193,9 @@ def prepare_shard(opt, p, group: dict) -> dict:
         raise TypeError(f"a DTensor param of shape {tuple(p.shape)} has a {type(p.grad).__name__} gradient; "
                         "FRUGAL steps a sharded param with a DTensor gradient of the same placements")
     state = opt.state[p]
-    if "step" not in state:
-        state["step"] = 0
-    refresh = state["step"] % group["update_gap"] == 0
-    state["step"] += 1
     local = p.to_local()  # under no_grad: the shard itself, updated in place
-    grad = p.grad.to_local()
-    grad = grad if grad.is_contiguous() else grad.contiguous()
-    maximize = group.get("maximize", False)
-    if maximize:  # FRUGAL on −g, as FRUGALBase._prepare does
-        grad = -grad
-    empty, no_indices = opt._empties(local)
-    work = dict(params=local, grads=grad, exp_avgs=empty, exp_avg_sqs=empty, indices=no_indices,
-                residual_bases=empty, dense_updates=empty, kinds=FREE, steps=0)
+    refresh, work = opt._begin_step(state, group, local, p.grad.to_local())
+    grad, maximize = work["grads"], group.get("maximize", False)
     proj = group["proj"]
     rows, cols = matrix_shape(p)
     if proj is None or p.dim() < 2 or (proj == "block" and state.get("active", False)):
