@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.checks import check_finite, check_float_tensor, check_tensor
+from .._core.checks import check_finite, check_float_tensor, check_like, check_tensor
 from .stats import STAT_COUNT
 
 __all__ = ["check_finite", "check_labels", "check_embeddings", "operands", "ms_hyperparameters"]
@@ -46,10 +46,7 @@ def operands(embeddings, labels, ref_emb, ref_labels):
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(f"ref_emb must have {embeddings.shape[1]} columns like embeddings, "
                          f"got shape {tuple(ref_emb.shape)}")
-    if ref_emb.dtype != embeddings.dtype:
-        raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}), got {ref_emb.dtype}")
-    if ref_emb.device != embeddings.device:
-        raise ValueError(f"ref_emb is on {ref_emb.device} but embeddings is on {embeddings.device}")
+    check_like(ref_emb, embeddings, "ref_emb", "embeddings")
     ref_labels = check_labels("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", embeddings.device)
     return embeddings, labels, ref_emb, ref_labels
 

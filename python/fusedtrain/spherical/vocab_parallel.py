@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .._core import backend
-from .._core.checks import check_float_tensor, check_tensor
+from .._core.checks import check_float_tensor, check_like, check_tensor
 from .._core.dtypes import accumulate_dtype
 from .checks import (DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters,
                      check_saved, check_target_dtype)
@@ -60,10 +60,7 @@ def _check_shard(weight_shard, linear_bias) -> None:
     if tuple(linear_bias.shape) != (weight_shard.shape[0],):
         raise ValueError(f"linear_bias must be this rank's bias shard of shape ({weight_shard.shape[0]},), "
                          f"got {tuple(linear_bias.shape)}")
-    if linear_bias.dtype != weight_shard.dtype:
-        raise TypeError(f"linear_bias must have weight_shard's dtype {weight_shard.dtype}, got {linear_bias.dtype}")
-    if linear_bias.device != weight_shard.device:
-        raise ValueError(f"linear_bias is on {linear_bias.device} but weight_shard is on {weight_shard.device}")
+    check_like(linear_bias, weight_shard, "linear_bias", "weight_shard")
 
 
 def vocab_parallel_linear_spherical_stats(weight_shard: torch.Tensor, linear_bias: torch.Tensor | None = None,
