@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -28,10 +30,12 @@ from .._core.dtypes import accumulate_dtype
 from .subspace import (COLUMNS, DENSE, RESIDUAL, ROWS,
                        matrix_shape, random_basis, select_indices, subspace_size, svd_basis)
 
-try:  # torch.distributed.tensor needs a build with torch.distributed
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-except ImportError:  # pragma: no cover
-    DTensor = None
+
+def _dt():
+    """torch.distributed.tensor, imported on first use: only a DTensor parameter needs it (it is then
+    loaded already), and importing it costs plain FRUGAL users over a second."""
+    import torch.distributed.tensor as dt
+    return dt
 
 __all__ = ["shared_seed", "is_sharded", "prepare_shard", "export_sharded_state"]
 
@@ -51,7 +55,8 @@ def shared_seed() -> int:
 
 
 def is_sharded(p: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(p, DTensor)
+    dt = sys.modules.get("torch.distributed.tensor")  # never loaded: p cannot be a DTensor
+    return dt is not None and isinstance(p, dt.DTensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +66,8 @@ def _shard_mesh_dim(p) -> int | None:
     """The mesh dimension that shards p on dim 0 (None: p is replicated). Anything else (another
     tensor dimension, several sharded mesh dimensions, as tensor parallelism makes) is refused."""
     placements = tuple(p.placements)
-    sharded = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+    sharded = [i for i, pl in enumerate(placements) if not isinstance(pl, _dt().Replicate)]
+    Shard = _dt().Shard
     if len(sharded) > 1 or any(not (type(placements[i]) is Shard and placements[i].dim == 0) for i in sharded):
         raise NotImplementedError(
             f"FRUGAL steps DTensor parameters sharded on dim 0 over at most one mesh dimension (FSDP2's "
@@ -85,14 +91,14 @@ def _local_range(p, size: int, mesh_dim=None, index=None) -> tuple[int, int]:
     return _chunk(size, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim) if index is None else index)
 
 
-def _sharded(local: torch.Tensor, p, shape) -> "DTensor":
+def _sharded(local: torch.Tensor, p, shape) -> torch.Tensor:  # a DTensor
     """A DTensor of global `shape` with p's placements, from this rank's (dim-0) piece."""
     shape = torch.Size(shape)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+    return _dt().DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
-def _sharded_zeros(p, local: torch.Tensor, shape) -> "DTensor":
+def _sharded_zeros(p, local: torch.Tensor, shape) -> torch.Tensor:  # a DTensor
     start, stop = _local_range(p, shape[0])
     return _sharded(local.new_zeros((stop - start, *shape[1:])), p, shape)
 
@@ -100,11 +106,11 @@ def _sharded_zeros(p, local: torch.Tensor, shape) -> "DTensor":
 def _as_shard(value, p):
     """A state tensor as a DTensor with p's placements: a full tensor (from a full state dict) is
     sliced on every rank without communication."""
-    if isinstance(value, DTensor):
+    if isinstance(value, _dt().DTensor):
         if value.placements == p.placements:
             return value
         return value.redistribute(value.device_mesh, p.placements)
-    return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+    return _dt().distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +157,7 @@ def _adopt_row_moments(opt, p, state) -> None:
     first, end, _ = _row_slots(opt, p, state["indices"])
     for key in _MOMENTS:
         value = state[key]
-        if isinstance(value, DTensor):
+        if isinstance(value, _dt().DTensor):
             value = value.full_tensor()
         elif value.shape[0] != state["indices"].numel() or value.shape[0] == end - first:
             continue  # already this rank's slots
@@ -171,9 +177,9 @@ def export_sharded_state(opt, state_dict: dict) -> dict:
                 continue
             state = dict(state)  # the packed state shares the live dicts
             for key in _MOMENTS:
-                if not isinstance(state[key], DTensor):
+                if not isinstance(state[key], _dt().DTensor):
                     full = _gather_slots(p, state[key], state["indices"])
-                    state[key] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                    state[key] = _dt().distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
             state_dict["state"][pid] = state
     return state_dict
 
@@ -284,8 +290,8 @@ def _prepare_low_rank(opt, p, local, grad, state, group, refresh, work, maximize
         low = G @ basis
         part = low
     else:
-        partial = [Partial() if i == _shard_mesh_dim(p) else pl for i, pl in enumerate(p.placements)]
-        low = DTensor.from_local(basis.T @ G, p.device_mesh, partial, run_check=False).full_tensor()
+        partial = [_dt().Partial() if i == _shard_mesh_dim(p) else pl for i, pl in enumerate(p.placements)]
+        low = _dt().DTensor.from_local(basis.T @ G, p.device_mesh, partial, run_check=False).full_tensor()
         first, end = _local_range(p, r)
         part = low[first:end]
     beta1, beta2 = group["betas"]
