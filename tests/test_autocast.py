@@ -250,6 +250,35 @@ def test_mining_losses_compute_in_fp32(device):
     assert as_sets(mined_inside) == as_sets(mining.multi_similarity_mine(emb, labels))
 
 
+_PAIR_MINERS = {
+    "pair_margin_lp": lambda: mining.PairMarginMiner(),
+    "batch_hard_lp": lambda: mining.BatchHardMiner(),
+    "pair_margin_cos": lambda: mining.PairMarginMiner(0.9, 0.3, distance=mining.CosineSimilarity()),
+}
+
+
+@pytest.mark.parametrize("miner", list(_PAIR_MINERS))
+def test_pml_pair_paths_compute_in_fp32(device, miner):
+    # PML's two steps with a non-MS miner (pair lists) and the LpDistance tiles run in Python: inside
+    # autocast they compute what fp32 computes on the same (bf16) values, and the loss is float32.
+    emb = torch.randn(48, 16, device=device).to(BF16)
+    labels = torch.randint(0, 5, (48,), device=device)
+    for name, loss_fn in {"cosine": mining.MultiSimilarityLoss(),
+                          "lp": mining.MultiSimilarityLoss(distance=mining.LpDistance())}.items():
+        x = emb.clone().requires_grad_()
+        with amp(device):
+            pairs = _PAIR_MINERS[miner]()(x, labels)
+            inside = loss_fn(x, labels, pairs)
+        assert inside.dtype == torch.float32, name
+        inside.backward()
+        x32 = emb.float().requires_grad_()
+        outside = loss_fn(x32, labels, _PAIR_MINERS[miner]()(x32, labels))
+        outside.backward()
+        assert outside.item() != 0, name  # pairs were mined: the comparison can fail
+        assert rel_err(inside, outside) < 1e-6, name
+        assert rel_err(x.grad.float(), x32.grad) < 1e-2, name  # x's gradient is rounded to bf16
+
+
 # -- SAE: encoder and decoder in the autocast dtype, losses in fp32 --------------------------------
 
 @pytest.mark.parametrize("routing", ["topk", "mutual_choice", "threshold"])

@@ -30,8 +30,8 @@ from . import ops as _ops
 from . import reference as _reference
 from .checks import ms_hyperparameters, operands
 from .distances import prepared
-from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, labels_to, loss_inputs,
-                         no_extra_kwargs, resolve_distance, zero_loss)
+from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, fp32_loss, labels_to,
+                         loss_inputs, no_extra_kwargs, resolve_distance, zero_loss)
 from .pml_miners import BatchHardMiner, MinedPairs, MultiSimilarityMiner, PairMarginMiner  # noqa: F401
 from .reducers import already_reduced, check_reducer, check_regularizer, element_losses, is_plain_mean, reduce
 from .stats import MsStat
@@ -198,6 +198,7 @@ class MultiSimilarityLoss(_PmlLoss):
                 n_pos = n_pos - n_self
             return n_pos, n_self, keep_neg.sum()
 
+    @fp32_loss
     def _tiled(self, embeddings, labels, ref_emb, ref_labels, epsilon, record):
         """Any distance or reducer, mining (epsilon not None) or all pairs, without B×M."""
         tiles = _tiles.Tiles(*operands(embeddings, labels, ref_emb, ref_labels), self.spec)
@@ -217,6 +218,7 @@ class MultiSimilarityLoss(_PmlLoss):
         entry = already_reduced(0) if quirk_zero else element_losses(losses.to(embeddings.dtype))
         return self._reduce(entry, embeddings, labels)
 
+    @fp32_loss
     def from_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss over given pairs (PML's mat-based path: a pair listed twice counts once)."""
         B = embeddings.shape[0]

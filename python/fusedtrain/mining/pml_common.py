@@ -6,7 +6,14 @@ import sys
 
 import torch
 
+from .._core import autocast
 from .distances import COSINE, LP, CosineSimilarity, LpDistance, distance_spec
+
+# The Python paths (pair lists, the distance tiles) follow the mining ops' autocast policy, as the
+# compiled ops do (docs/mining.md): inside torch.autocast, float embeddings in float32 and autocast off
+# for the body; a loss comes back as float32.
+fp32_mining = autocast.policy(autocast.FP32, device="embeddings", cast_args=("embeddings", "ref_emb"))
+fp32_loss = autocast.policy(autocast.FP32, device="embeddings", cast_args=("embeddings", "ref_emb"), loss=True)
 
 
 def no_extra_kwargs(cls_name: str, kwargs: dict) -> None:
@@ -121,5 +128,5 @@ def checked_pairs(indices_tuple, B: int, M: int, device):
     return pairs
 
 
-__all__ = ["COSINE", "LP", "no_extra_kwargs", "resolve_distance", "collect_stats_flag", "Recorder", "reference_set",
+__all__ = ["fp32_mining", "fp32_loss", "COSINE", "LP", "no_extra_kwargs", "resolve_distance", "collect_stats_flag", "Recorder", "reference_set",
            "labels_to", "loss_inputs", "zero_loss", "convert_to_pairs", "checked_pairs"]

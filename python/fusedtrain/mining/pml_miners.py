@@ -17,7 +17,8 @@ from .._core.checks import check_finite
 from . import distance_tiles as _tiles
 from . import ops as _ops
 from .checks import operands
-from .pml_common import COSINE, LP, Recorder, labels_to, no_extra_kwargs, reference_set, resolve_distance
+from .pml_common import (COSINE, LP, Recorder, fp32_mining, labels_to, no_extra_kwargs, reference_set,
+                         resolve_distance)
 
 _PAIR_COUNTS = ["num_pos_pairs", "num_neg_pairs", "num_triplets"]
 
@@ -162,6 +163,7 @@ class PairMarginMiner(_Miner):
         self.pos_margin = check_finite("pos_margin", pos_margin)
         self.neg_margin = check_finite("neg_margin", neg_margin)
 
+    @fp32_mining
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         tiles = None
         if self.collect_stats:
@@ -188,6 +190,7 @@ class BatchHardMiner(_Miner):
         no_extra_kwargs("BatchHardMiner", kwargs)
         super().__init__(distance, LP, collect_stats, self._STATS)
 
+    @fp32_mining
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         if self.spec == COSINE and not self.collect_stats:
             return _ops.batch_hard_mine(embeddings, labels, ref_emb, ref_labels)
