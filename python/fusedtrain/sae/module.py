@@ -228,7 +228,12 @@ class SparseAutoencoder(nn.Module):
         if cutoff is None or self.routing == "topk" or cutoff.numel() == 0:
             return
         cut = cutoff.float().expand(self.num_latents)
-        valid = torch.isfinite(cut)
+        self._threshold_ema(cut, torch.isfinite(cut))
+
+    @torch.no_grad()
+    def _threshold_ema(self, cut: torch.Tensor, valid: torch.Tensor) -> None:
+        """One EMA step of the thresholds toward this batch's cutoffs where `valid` (the first step
+        takes the cutoffs as they are)."""
         first = self.threshold_steps == 0
         w = torch.where(first, torch.ones((), device=cut.device), torch.full((), 1 - self.threshold_decay,
                                                                               device=cut.device))

@@ -224,11 +224,7 @@ class LatentShardedSparseAutoencoder(SparseAutoencoder):
             total = self._sum_over(torch.where(valid, cut, 0.0), "data_parallel_group")
             count = self._sum_over(valid.float(), "data_parallel_group")
             cut, valid = total / count.clamp_min(1), count > 0
-        first = self.threshold_steps == 0
-        w = torch.where(first, torch.ones((), device=cut.device),
-                        torch.full((), 1 - self.threshold_decay, device=cut.device))
-        self.threshold.copy_(torch.where(valid, self.threshold + w * (cut - self.threshold), self.threshold))
-        self.threshold_steps.add_(1)
+        self._threshold_ema(cut, valid)
 
     def _auxk(self, x, b_dec, residual, dead, num_dead: int) -> torch.Tensor:
         """AuxK with each token's top k_aux dead latents of all ranks."""
