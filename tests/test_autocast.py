@@ -250,6 +250,86 @@ def test_mining_losses_compute_in_fp32(device):
     assert as_sets(mined_inside) == as_sets(mining.multi_similarity_mine(emb, labels))
 
 
+_MIXED_CASES = {  # name -> fn(embeddings, labels, ref_emb, ref_labels): a loss or an index tuple
+    "multi_similarity_loss": lambda e, l, r, rl: mining.multi_similarity_loss(e, l, r, rl),
+    "tcm_loss": lambda e, l, r, rl: mining.tcm_loss(e, l, r, rl, margin_plus=0.2, margin_minus=0.1),
+    "multi_similarity_mine": lambda e, l, r, rl: mining.multi_similarity_mine(e, l, r, rl),
+    "pair_margin_mine": lambda e, l, r, rl: mining.pair_margin_mine(e, l, r, rl, pos_margin=0.5, neg_margin=0.1),
+    "batch_hard_mine": lambda e, l, r, rl: mining.batch_hard_mine(e, l, r, rl),
+    "MultiSimilarityLoss": lambda e, l, r, rl: mining.MultiSimilarityLoss()(e, l, ref_emb=r, ref_labels=rl),
+    "MultiSimilarityLoss+miner": lambda e, l, r, rl: mining.MultiSimilarityLoss()(
+        e, l, mining.MultiSimilarityMiner()(e, l, r, rl), r, rl),
+    "MultiSimilarityLoss(lp)": lambda e, l, r, rl: mining.MultiSimilarityLoss(distance=mining.LpDistance())(
+        e, l, ref_emb=r, ref_labels=rl),
+    "MultiSimilarityMiner": lambda e, l, r, rl: tuple(mining.MultiSimilarityMiner()(e, l, r, rl)),
+    "MultiSimilarityMiner(lp)": lambda e, l, r, rl: mining.MultiSimilarityMiner(distance=mining.LpDistance())(
+        e, l, r, rl),
+    "PairMarginMiner": lambda e, l, r, rl: mining.PairMarginMiner()(e, l, r, rl),
+    "BatchHardMiner": lambda e, l, r, rl: mining.BatchHardMiner()(e, l, r, rl),
+    "ThresholdConsistentMarginLoss": lambda e, l, r, rl: mining.ThresholdConsistentMarginLoss()(
+        e, l, ref_emb=r, ref_labels=rl),
+}
+
+
+def _same_pairs(a, b) -> bool:
+    """Index tuples as sets of (anchor, other) pairs (their order is unspecified)."""
+    sets = lambda t: [set(zip(t[i].tolist(), t[i + 1].tolist())) for i in range(0, len(t) - 1, 2)]  # noqa: E731
+    return len(a) == len(b) and (sets(a) == sets(b) if len(a) == 4 else all(torch.equal(x, y) for x, y in zip(a, b)))
+
+
+@pytest.mark.parametrize("case", list(_MIXED_CASES))
+def test_mining_mixes_bf16_embeddings_with_an_fp32_reference_as_torch_does(device, case):
+    # Inside autocast a bf16 batch against an fp32 memory is what a model under autocast hands a
+    # cross-batch loss; torch's float32-policy ops take the mix (both cast to fp32). Ours compute
+    # exactly what fp32 computes on the same values; outside autocast the mix raises, naming both.
+    fn = _MIXED_CASES[case]
+    emb = torch.randn(40, 16, device=device).to(BF16)
+    labels = torch.randint(0, 5, (40,), device=device)
+    ref, ref_labels = torch.randn(56, 16, device=device), torch.randint(0, 5, (56,), device=device)
+    x = emb.clone().requires_grad_()
+    with amp(device):
+        inside = fn(x, labels, ref, ref_labels)
+    outside = fn(emb.float().requires_grad_(), labels, ref, ref_labels)
+    if isinstance(inside, torch.Tensor):
+        assert inside.dtype == torch.float32 and outside.item() != 0
+        assert rel_err(inside, outside) < 1e-6
+        inside.backward()
+        assert x.grad.dtype == BF16 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    else:
+        assert len(inside[0]) > 0 and _same_pairs(inside, outside)
+    with pytest.raises(TypeError, match="ref_emb must have the dtype of embeddings"):
+        result = fn(emb, labels, ref, ref_labels)
+        tuple(result) if not isinstance(result, torch.Tensor) else None  # a lazy MinedPairs mines here
+
+
+def test_mining_keeps_the_batch_itself_apart_under_autocast(device):
+    # `ref_emb is embeddings` means the batch itself (self pairs excluded): the fp32 cast of one
+    # object passed twice must stay one object.
+    x = torch.randn(32, 16, device=device).to(BF16)
+    labels = torch.randint(0, 4, (32,), device=device)
+    # All pairs / a positive margin above 1, so that a self pair would change the loss.
+    cases = {"multi_similarity_loss": lambda *a: mining.multi_similarity_loss(*a, mine=False),
+             "tcm_loss": lambda *a: mining.tcm_loss(*a, margin_plus=1.5, margin_minus=0.1)}
+    with amp(device):
+        for name, fn in cases.items():
+            assert torch.equal(fn(x, labels, x, labels), fn(x, labels)), name
+            assert not torch.equal(fn(x, labels, x.clone(), labels), fn(x, labels)), name  # the test can fail
+
+
+def test_mining_reference_path_stays_fp32_under_autocast(device, monkeypatch):
+    # Without compiled kernels the pure-PyTorch reference runs; inside autocast its matmuls must not
+    # be recast to bf16 behind the fp32 policy (a bf16 similarity matrix moves the loss by ~1e-3).
+    emb = torch.randn(48, 32, device=device)
+    labels = torch.randint(0, 4, (48,), device=device)
+    monkeypatch.setattr(backend, "use_kernel", lambda op, dev: False)
+    outside = mining.multi_similarity_loss(emb, labels, mine=False)
+    with amp(device):
+        inside = mining.multi_similarity_loss(emb, labels, mine=False)
+        tcm = mining.tcm_loss(emb, labels, margin_plus=0.2, margin_minus=0.1)
+    assert inside.dtype == torch.float32 and rel_err(inside, outside) < 1e-6
+    assert rel_err(tcm, mining.tcm_loss(emb, labels, margin_plus=0.2, margin_minus=0.1)) < 1e-6
+
+
 _PAIR_MINERS = {
     "pair_margin_lp": lambda: mining.PairMarginMiner(),
     "batch_hard_lp": lambda: mining.BatchHardMiner(),

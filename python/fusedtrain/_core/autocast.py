@@ -108,11 +108,19 @@ def policy(kind: str, *, device: str, cast_args: tuple[str, ...] = (), loss: boo
                 return out
             dtype = policy_dtype(kind, anchor.device)
             args = list(args)
+            # One cast per object: an argument passed twice (mining's `ref_emb is embeddings`, "the
+            # batch itself") stays one object, so identity-based meanings survive the cast.
+            casts: dict[int, object] = {}
+
+            def cast_once(x):
+                if id(x) not in casts:
+                    casts[id(x)] = cast(x, dtype)
+                return casts[id(x)]
             for name in cast_args:
                 if position[name] < len(args):
-                    args[position[name]] = cast(args[position[name]], dtype)
+                    args[position[name]] = cast_once(args[position[name]])
                 elif name in kwargs:
-                    kwargs[name] = cast(kwargs[name], dtype)
+                    kwargs[name] = cast_once(kwargs[name])
             with suspended(anchor.device):
                 out = fn(*args, **kwargs)
             return widen(out) if loss else out

@@ -19,8 +19,10 @@ import torch
 from .._core import backend
 from . import reference as _reference
 from .checks import check_finite, check_labels, ms_hyperparameters, operands, tcm_hyperparameters
+from .precision import fp32_loss, fp32_mining
 
 
+@fp32_loss
 def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
                           ref_labels: torch.Tensor | None = None, *, alpha: float = 2.0, beta: float = 50.0,
                           base: float = 0.5, epsilon: float = 0.1, mine: bool = True,
@@ -58,6 +60,7 @@ def _grad_flags(embeddings, ref_emb) -> tuple[bool, bool]:
     return (torch.is_grad_enabled() and embeddings.requires_grad) or ref_grad, ref_grad
 
 
+@fp32_mining
 def multi_similarity_loss_with_stats(embeddings, labels, ref_emb=None, ref_labels=None, **kw):
     """(loss, row_stats) of the compiled op; row_stats (B, STAT_COUNT) holds per anchor the columns
     named by `stats.MsStat` (thresholds, the two log(1 + Σ exp), the numbers of mined positives and
@@ -71,6 +74,7 @@ def multi_similarity_loss_with_stats(embeddings, labels, ref_emb=None, ref_label
     return loss, stats
 
 
+@fp32_mining
 def _mine(rule: str, embeddings, labels, ref_emb, ref_labels, epsilon=0.1, pos_margin=0.2, neg_margin=0.8):
     embeddings, labels, ref_emb, ref_labels = operands(embeddings, labels, ref_emb, ref_labels)
     epsilon = check_finite("epsilon", epsilon)
@@ -100,6 +104,7 @@ def pair_margin_mine(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
                  neg_margin=neg_margin)
 
 
+@fp32_mining
 def batch_hard_mine(embeddings, labels, ref_emb=None, ref_labels=None):
     """Batch-hard mining (PML BatchHardMiner(distance=CosineSimilarity())): int64 `(a, p, n)`, per anchor the lowest-S
     positive and highest-S negative (first index on ties); anchors lacking either are dropped."""
@@ -110,6 +115,7 @@ def batch_hard_mine(embeddings, labels, ref_emb=None, ref_labels=None):
         return tuple(torch.ops.fusedtrain.batch_hard_mine(embeddings, labels, ref_emb, ref_labels))
 
 
+@fp32_loss
 def tcm_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_plus: float = 1.0,
              lambda_minus: float = 1.0, margin_plus: float = 0.9, margin_minus: float = 0.5) -> torch.Tensor:
     """Threshold-consistent margin regularizer (PML ThresholdConsistentMarginLoss), fused:

@@ -6,14 +6,8 @@ import sys
 
 import torch
 
-from .._core import autocast
 from .distances import COSINE, LP, CosineSimilarity, LpDistance, distance_spec
-
-# The Python paths (pair lists, the distance tiles) follow the mining ops' autocast policy, as the
-# compiled ops do (docs/mining.md): inside torch.autocast, float embeddings in float32 and autocast off
-# for the body; a loss comes back as float32.
-fp32_mining = autocast.policy(autocast.FP32, device="embeddings", cast_args=("embeddings", "ref_emb"))
-fp32_loss = autocast.policy(autocast.FP32, device="embeddings", cast_args=("embeddings", "ref_emb"), loss=True)
+from .precision import fp32_loss, fp32_mining  # noqa: F401  (the PML classes' Python paths use them)
 
 
 def no_extra_kwargs(cls_name: str, kwargs: dict) -> None:

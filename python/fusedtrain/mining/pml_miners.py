@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._core import autocast
 from .._core.checks import check_finite
 from . import distance_tiles as _tiles
 from . import ops as _ops
@@ -21,6 +22,10 @@ from .pml_common import (COSINE, LP, Recorder, fp32_mining, labels_to, no_extra_
                          resolve_distance)
 
 _PAIR_COUNTS = ["num_pos_pairs", "num_neg_pairs", "num_triplets"]
+
+
+# The Multi-Similarity miner's eager check of its (lazily mined) input, under the mining policy.
+_fp32_operands = fp32_mining(operands)
 
 
 class _Miner(Recorder, torch.nn.Module):
@@ -56,12 +61,16 @@ class MinedPairs(Sequence):
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
         self.miner, self._source = miner, (embeddings, labels, ref_emb, ref_labels)
+        # Mined inside autocast: read later (perhaps outside) as the fp32 policy reads it now.
+        self._fp32 = autocast.policy_dtype(autocast.FP32, embeddings.device) is not None
         self._pairs = None
         self._counts = None  # (positives, negatives) as tensors, set by a fused loss that mined them
 
     def _get(self) -> tuple:
         if self._pairs is None:
             embeddings, labels, ref_emb, ref_labels = self._source
+            if self._fp32:
+                embeddings, ref_emb = autocast.cast(embeddings, torch.float32), autocast.cast(ref_emb, torch.float32)
             self._pairs = _ops.multi_similarity_mine(embeddings, labels, ref_emb, ref_labels,
                                                      epsilon=self.miner.epsilon)
         return self._pairs
@@ -111,9 +120,13 @@ class MultiSimilarityMiner(_Miner):
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         if self.spec == COSINE:
-            operands(embeddings, labels, ref_emb, ref_labels)  # bad input fails here, not later
+            _fp32_operands(embeddings, labels, ref_emb, ref_labels)  # bad input fails here, not later
             self._last = MinedPairs(self, embeddings, labels, ref_emb, ref_labels)
             return self._last
+        return self._mine_tiles(embeddings, labels, ref_emb, ref_labels)
+
+    @fp32_mining
+    def _mine_tiles(self, embeddings, labels, ref_emb, ref_labels):
         tiles = self._tiles(embeddings, labels, ref_emb, ref_labels)
         eps, inverted = self.epsilon, self.spec.is_inverted
         self._last = None
