@@ -22,6 +22,7 @@
 #include "../common/dispatch.h"
 
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cstring>
@@ -285,6 +286,12 @@ void step_cuda_typed(const StepArgs& a) {
 }
 
 void step_cuda(const StepArgs& a) {
+  // The step's scalars (lr, step counts, bias corrections) and its task table are host values copied
+  // through a pinned buffer on every call: a captured graph would replay the first call's values and
+  // read a buffer that is no longer its own. Refused, never captured.
+  FT_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+           "frugal_step_ cannot be captured in a CUDA graph: its hyperparameters and task table are "
+           "host values copied on each call (call it outside torch.cuda.graph)");
   FUSEDTRAIN_DISPATCH_FLOATING(a.params[0].scalar_type(), "frugal_step_cuda", [&] { step_cuda_typed<scalar_t>(a); });
 }
 

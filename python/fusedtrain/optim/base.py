@@ -110,6 +110,12 @@ class FRUGALBase(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Checked before any bookkeeping moves: step counts, subspaces and the fused step's
+            # hyperparameters are host values, so a captured graph would replay one step forever.
+            raise RuntimeError("FRUGAL.step cannot be captured in a CUDA graph: its step counters, subspaces "
+                               "and hyperparameters live on the host (capturable=True is refused for the same "
+                               "reason); call step() outside torch.cuda.graph")
         loss = None
         if closure is not None:
             with torch.enable_grad():

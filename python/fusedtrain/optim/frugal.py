@@ -8,7 +8,7 @@ p and g once and the moments only where they exist. The svd/random projections a
 (BLAS/cuBLAS) per tensor and then one fused element-wise pass per tensor.
 
 Not supported: CUDA graph capture of the step (the step counters and subspace bookkeeping are on
-the host), sparse gradients, complex parameters, a tensor learning rate.
+the host; a capture is refused with RuntimeError), sparse gradients, complex parameters, a tensor learning rate.
 """
 from __future__ import annotations
 
