@@ -141,6 +141,43 @@ def test_num_items_in_batch_sums_micro_batches_to_the_full_batch_mean():
     assert rel_err(as_int, model(ids[:2], labels=labels[:2], num_items_in_batch=count).loss) < 1e-15
 
 
+def test_weight_statistics_are_computed_once_per_weight_version(monkeypatch):
+    """The output embedding's Gram statistics (2·V·d² flops) are reused by the micro-batches of one
+    step and by evaluation, recomputed after each optimizer step and after a `.data` write; the
+    trained parameters equal those trained on the unpatched logits' loss."""
+    from fusedtrain.spherical import stats_cache
+    calls = []
+    real = stats_cache.linear_spherical_stats
+    monkeypatch.setattr(stats_cache, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model("llama", tie=True)
+    twin = copy.deepcopy(model)  # unpatched: trained on the oracle over its logits
+    apply_spherical_loss(model)
+    opt, twin_opt = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(twin.parameters(), lr=0.5)
+    for step in range(3):
+        ids, labels = batch(B=4, ignored=5)
+        count = (shifted(labels) != -100).sum()
+        for half in (slice(0, 2), slice(2, 4)):
+            model(ids[half], labels=labels[half], num_items_in_batch=count).loss.backward()
+        assert len(calls) == step + 1  # once for both micro-batches, again after each step
+        _, grads = reference_loss_and_grads(twin, ids, labels)
+        for name, p in twin.named_parameters():
+            p.grad = grads.get(name)
+        opt.step(), twin_opt.step()
+        opt.zero_grad(), twin_opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert rel_err(p, q) < 1e-12, name
+    model.eval()
+    with torch.no_grad():
+        first = model(ids, labels=labels).loss
+        assert rel_err(model(ids, labels=labels).loss, first) == 0 and len(calls) == 4
+        model.lm_head.weight.data.mul_(1.5)  # no version bump: the fingerprint sees it
+        scaled = model(ids, labels=labels).loss
+    assert len(calls) == 5
+    logits = model(ids).logits
+    ref = spherical_reference.spherical_loss(logits.reshape(-1, V), shifted(labels).reshape(-1), "z")
+    assert rel_err(scaled, ref) < 1e-12
+
+
 def test_shift_labels_and_ignore_index_follow_hf():
     model = tiny_model("gpt2")
     ids, labels = batch()

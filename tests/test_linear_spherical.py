@@ -355,7 +355,7 @@ def test_spherical_head_caches_statistics(device, monkeypatch):
     head = fusedtrain.nn.SphericalHead(6, 11, bias=True, kind="z", device=device, dtype=torch.float64)
     calls = []
     real = ls.linear_spherical_stats
-    monkeypatch.setattr(fusedtrain.spherical.modules, "linear_spherical_stats",
+    monkeypatch.setattr(fusedtrain.spherical.stats_cache, "linear_spherical_stats",
                         lambda *a: calls.append(1) or real(*a))
     h1, _, _, t1 = make_case(8, 6, 11, device, torch.float64)
     h2, _, _, t2 = make_case(8, 6, 11, device, torch.float64)

@@ -137,8 +137,8 @@ def test_spherical_head_cache_sees_writes_through_data(device, monkeypatch):
     head = fusedtrain.nn.SphericalHead(6, 11, device=device, dtype=torch.float64)
     h, t = torch.randn(8, 6, device=device, dtype=torch.float64), torch.randint(0, 11, (8,), device=device)
     calls = []
-    real = fusedtrain.spherical.modules.linear_spherical_stats
-    monkeypatch.setattr(fusedtrain.spherical.modules, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
+    real = fusedtrain.spherical.stats_cache.linear_spherical_stats
+    monkeypatch.setattr(fusedtrain.spherical.stats_cache, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
 
     def expected():
         return fusedtrain.linear_spherical_loss(h, head.weight, t, linear_bias=head.bias)
@@ -172,8 +172,8 @@ def test_spherical_head_fingerprint_reads_a_sample_and_can_be_off(device, monkey
     torch.testing.assert_close(head(h, t), fusedtrain.linear_spherical_loss(h, head.weight, t, linear_bias=head.bias))
     quiet = fusedtrain.nn.SphericalHead(6, 11, device=device, detect_data_writes=False)
     calls = []
-    real = fusedtrain.spherical.modules.linear_spherical_stats
-    monkeypatch.setattr(fusedtrain.spherical.modules, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
+    real = fusedtrain.spherical.stats_cache.linear_spherical_stats
+    monkeypatch.setattr(fusedtrain.spherical.stats_cache, "linear_spherical_stats", lambda *a: calls.append(1) or real(*a))
     x, y = torch.randn(8, 6, device=device), torch.randint(0, 11, (8,), device=device)
     quiet(x, y)
     quiet.weight.data.mul_(3)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..spherical import linear_spherical_loss
+from ..spherical.stats_cache import StatsCache
 
 __all__ = ["apply_spherical_loss", "remove_spherical_loss", "is_patched", "SUPPORTED_HYPERPARAMETERS"]
 
@@ -50,6 +51,9 @@ _REQUEST = "_fusedtrain_spherical_request"     # on the output embedding, during
 class _Settings:
     kind: str
     hyperparameters: dict
+    # The output embedding's weight statistics, computed once per weight version (spherical/stats_cache.py):
+    # gradient-accumulation micro-batches and evaluation batches reuse them.
+    stats: StatsCache
 
 
 @dataclass
@@ -117,7 +121,7 @@ def _check_hyperparameters(kind: str, hyperparameters: dict) -> None:
     linear_spherical_loss(one, one, torch.zeros(1, dtype=torch.int64), kind=kind, **hyperparameters)
 
 
-def apply_spherical_loss(model, kind: str = "z", **hyperparameters):
+def apply_spherical_loss(model, kind: str = "z", *, detect_data_writes: bool = True, **hyperparameters):
     """Make `model(..., labels=labels).loss` the fused spherical loss; returns `model` (patched in place).
 
     model: a loaded transformers causal LM (`*ForCausalLM`, `GPT2LMHeadModel`, ...) whose loss is HF's
@@ -127,6 +131,11 @@ def apply_spherical_loss(model, kind: str = "z", **hyperparameters):
     hyperparameters: `a`, `b`, `eps`, `var_eps` of the loss, `check_target`, and `ignore_index`
       (default -100; an `ignore_index` passed to the forward wins, as in HF).
 
+    detect_data_writes: as `SphericalHead`'s. The output embedding's statistics (Gram matrix and
+      column sums, 2·V·d² flops) are computed once per weight version and reused by gradient-
+      accumulation micro-batches and evaluation; a write through `.data` is caught by a fingerprint of
+      4096 weight entries (one host sync per forward on CUDA), which False drops.
+
     Training mode with labels: `.loss` is the spherical loss and `.logits` is None (never formed).
     Eval mode with labels: `.logits` as before and `.loss` the same spherical loss (so evaluation
     reports the loss that is trained). Without labels: the model is unchanged.
@@ -134,7 +143,7 @@ def apply_spherical_loss(model, kind: str = "z", **hyperparameters):
     """
     head = _check_model(model)
     _check_hyperparameters(kind, hyperparameters)
-    setattr(model, _SETTINGS, _Settings(kind, dict(hyperparameters)))
+    setattr(model, _SETTINGS, _Settings(kind, dict(hyperparameters), StatsCache(bool(detect_data_writes))))
     if not is_patched(model):
         model.forward = types.MethodType(_patched_model_forward(type(model).forward), model)
         head.forward = types.MethodType(_head_forward, head)
@@ -255,18 +264,20 @@ def _fused_loss(head: nn.Linear, hidden: torch.Tensor, request: _LossRequest) ->
         raise ValueError(f"labels give {target.numel()} targets after the causal shift but the model projects "
                          f"{positions} positions (hidden states {tuple(hidden.shape)}); with logits_to_keep, pass "
                          f"matching shift_labels")
+    settings = request.settings
+    # Read before the cast below, under the caller's autocast: the statistics of the weight as the loss reads it.
+    stats = None if torch.compiler.is_compiling() else settings.stats.get(weight, bias)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # as F.linear under autocast: the projection in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    settings = request.settings
     hyper = {k: v for k, v in settings.hyperparameters.items() if k != "ignore_index"}
     reduction = "mean" if request.num_items_in_batch is None else "sum"
     with torch.autocast(device_type, enabled=False):
         loss = linear_spherical_loss(hidden.reshape(positions, hidden.shape[-1]), weight, target.reshape(positions),
-                                     linear_bias=bias, kind=settings.kind, ignore_index=request.ignore_index,
-                                     reduction=reduction, **hyper)
+                                     linear_bias=bias, stats=stats, kind=settings.kind,
+                                     ignore_index=request.ignore_index, reduction=reduction, **hyper)
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))  # HF's loss is float32
     if request.num_items_in_batch is not None:
         count = request.num_items_in_batch

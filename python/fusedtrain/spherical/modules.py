@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._core import autocast
 from . import sharded_head
 from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
-from .linear import LinearStats, TopK, linear_spherical_loss, linear_spherical_stats, linear_topk
+from .linear import LinearStats, TopK, linear_spherical_loss, linear_topk
 from .ops import spherical_loss
+from .stats_cache import StatsCache, same_key, tensor_key
 
 __all__ = ["SphericalLoss", "LinearSphericalLoss", "SphericalHead"]
 
@@ -56,43 +56,6 @@ class LinearSphericalLoss(_SphericalLossModule):
                                      **self._loss_kwargs())
 
 
-# Entries of a weight read for its fingerprint: evenly spaced over the whole tensor.
-_FINGERPRINT_SAMPLES = 4096
-
-
-def _tensor_key(t: torch.Tensor | None, fingerprint: bool, *, version: int | None = None,
-                values: torch.Tensor | None = None):
-    """What identifies a tensor's values for the cache: storage (held weakly, so a freed storage's
-    address cannot be mistaken for it), layout, version and, when asked, a fingerprint of the values
-    (writes through `.data` move no version counter): the float64 sum and norm of evenly spaced
-    entries, a read of a few thousand values whatever the weight's size. `version` / `values`: a
-    sharded weight's (sharded_head.py) version counter and the tensor to fingerprint, when they
-    are not `t`'s own."""
-    if t is None:
-        return None
-    values_of = t if values is None else values
-    values = None
-    if fingerprint:
-        with torch.no_grad():
-            flat = values_of.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)]
-            values = torch.stack([sample.sum(dtype=torch.float64),
-                                  torch.linalg.vector_norm(sample, dtype=torch.float64)]).tolist()
-    return (StorageWeakRef(t.untyped_storage()), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device,
-            t._version if version is None else version, values)
-
-
-def _same_key(a: tuple, b: tuple | None) -> bool:
-    if b is None:
-        return False
-    for x, y in zip(a, b):
-        if (x is None) != (y is None):
-            return False
-        if x is not None and (y[0].expired() or x[0].cdata != y[0].cdata or x[1:] != y[1:]):
-            return False
-    return True
-
-
 class SphericalHead(LinearSphericalLoss):
     """A classifier head `o = W·h + bias` trained with a spherical loss through the fused op.
 
@@ -122,26 +85,21 @@ class SphericalHead(LinearSphericalLoss):
         self.weight = layer.weight  # nn.Linear's initialization
         self.bias = layer.bias
         self.in_features, self.num_classes = in_features, num_classes
+        # The unsharded weight's statistics; a sharded head keeps its own (sharded_head.py).
+        self._cache = StatsCache()
         self._stats: LinearStats | None = None
-        self._stats_key = self._stats_dtype = None
-
-    def _key(self) -> tuple:
-        return tuple(_tensor_key(t, self.detect_data_writes) for t in (self.weight, self.bias))
+        self._stats_key = None
 
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
         if sharded_head.is_sharded(self):  # FSDP2 or a vocab-parallel DTensor weight
-            return sharded_head.cached_stats(self, _tensor_key, _same_key)
-        key = self._key()
-        # Inside autocast the loss reads the weight cast to the autocast dtype: its own statistics.
-        dtype = autocast.policy_dtype(autocast.LOWER, self.weight.device)
-        if self._stats is None or dtype != self._stats_dtype or not _same_key(key, self._stats_key):
-            self._stats = linear_spherical_stats(self.weight, self.bias)
-            self._stats_key, self._stats_dtype = key, dtype
-        return self._stats
+            return sharded_head.cached_stats(self, tensor_key, same_key)
+        self._cache.detect_data_writes = self.detect_data_writes
+        return self._cache.get(self.weight, self.bias)
 
     def invalidate_stats(self) -> None:
         """Drop the cached statistics: the next call recomputes them."""
+        self._cache.clear()
         self._stats = self._stats_key = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
