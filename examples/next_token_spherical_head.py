@@ -1,4 +1,4 @@
-"""Train a small next-token model with the fused Z-loss head (fusedtrain.nn.SphericalHead) on CPU.
+"""Train a small next-token model with the fused Z-loss head (fusedtrain.nn.SphericalHead).
 
 Text: the source of Python's own standard library (bundled with every Python), split into words and
 punctuation; the vocabulary is the most frequent tokens (the rest map to <unk>). Model: embeddings of
@@ -9,6 +9,9 @@ it. Evaluation ranks the whole vocabulary with the head's chunked top-k.
 
     PYTHONPATH=python python examples/next_token_spherical_head.py            # Z-loss head, ~2 min
     PYTHONPATH=python python examples/next_token_spherical_head.py --loss ce  # softmax baseline
+
+`--device` (default: cuda when a GPU is visible, else cpu) and `--amp` (bf16 autocast) choose where
+and how it trains; the figures below are CPU ones.
 
 Prints the training loss and held-out top-1 / top-5 accuracy. Measured with the defaults (seed 0, 300
 steps, 2 shared CPU cores): Z-loss head 0.300 / 0.499 in 82 s; cross-entropy 0.304 / 0.513 in 158 s.
@@ -71,13 +74,13 @@ class NextToken(torch.nn.Module):
 
 
 def windows(ids: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.arange(context)
+    offsets = torch.arange(context, device=ids.device)
     return ids[starts.unsqueeze(1) + offsets], ids[starts + context]
 
 
 @torch.no_grad()
 def evaluate(model: NextToken, ids: torch.Tensor, context: int, limit: int) -> tuple[float, float]:
-    starts = torch.arange(0, min(len(ids) - context - 1, limit))
+    starts = torch.arange(0, min(len(ids) - context - 1, limit), device=ids.device)
     ctx, target = windows(ids, starts, context)
     top = model.head.topk(model.features(ctx), 5).indices
     top1 = (top[:, 0] == target).float().mean().item()
@@ -96,24 +99,27 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tokens", type=int, default=1_200_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="train under bf16 autocast")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    ids = encode(load_tokens(max_files=400, max_tokens=args.tokens), args.vocab)
+    ids = encode(load_tokens(max_files=400, max_tokens=args.tokens), args.vocab).to(args.device)
     split = int(0.9 * len(ids))
     train, held_out = ids[:split], ids[split:]
     print(f"{len(ids)} tokens ({len(train)} train, {len(held_out)} held out), vocabulary {args.vocab}, "
-          f"loss {args.loss}")
-    model = NextToken(args.vocab, args.context, 64, args.hidden, args.loss)
+          f"loss {args.loss}, {args.device}{' bf16 autocast' if args.amp else ''}")
+    model = NextToken(args.vocab, args.context, 64, args.hidden, args.loss).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(2):  # gradient accumulation: the head's Gram matrix is computed once a step
-            starts = torch.randint(0, len(train) - args.context - 1, (args.batch,))
+            starts = torch.randint(0, len(train) - args.context - 1, (args.batch,), device=args.device)
             ctx, target = windows(train, starts, args.context)
-            loss = model(ctx, target) / 2
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = model(ctx, target) / 2
             loss.backward()
             total += loss.item()
         opt.step()
