@@ -22,6 +22,9 @@ from utils import rel_err  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]"]
+THETA = "0.01"  # --theta of the threshold routing run (at 0.05 this tiny run learns too slowly to pass the 0.8 FVU bar in 40 steps)
+
+
 
 
 def save_tokenizer(folder):
@@ -93,13 +96,13 @@ def test_find_hookpoint_errors_name_the_option(model_folder):
     assert find_hookpoint(model, hookpoint="norm")[0] == "norm"
 
 
-@pytest.mark.parametrize("routing", ["topk", "mutual_choice"])
+@pytest.mark.parametrize("routing", ["topk", "mutual_choice", "threshold"])
 def test_sae_train_writes_a_trained_sae(model_folder, text_file, tmp_path, capsys, routing):
     out = tmp_path / "sae"
     code = cli(["sae", "train", "--model", str(model_folder), "--layer", "1", "--text", str(text_file),
                 "--num-latents", "48", "--k", "4", "--steps", "40", "--batch-tokens", "64", "--lr", "3e-3",
                 "--log-every", "20", "--dead-tokens", "200", "--out", str(out), "--device", "cpu",
-                "--routing", routing])
+                "--routing", routing] + (["--theta", THETA] if routing == "threshold" else []))
     assert code == 0
     printed = capsys.readouterr().out
     progress = [line for line in printed.splitlines() if line.startswith("step ")]
@@ -108,6 +111,8 @@ def test_sae_train_writes_a_trained_sae(model_folder, text_file, tmp_path, capsy
     assert (sae.d_in, sae.num_latents, sae.routing, sae.k) == (16, 48, routing, 4)
     assert (sae.threshold_steps.item() == 40) == (routing == "mutual_choice")  # its thresholds were learned and kept
     assert sae.dead_tokens_threshold == 200
+    if routing == "threshold":  # its fixed theta, kept in the threshold buffer
+        assert torch.equal(sae.threshold, torch.full((48,), float(THETA)))
     training = json.loads((out / "cfg.json").read_text())["fusedtrain"]["metadata"]["training"]
     assert training["hookpoint"] == "layers.1" and training["tokens"] == 40 * 64
     assert training["final_fvu"] < 0.8 * training["first_fvu"]  # it learned something
@@ -122,6 +127,12 @@ def test_cli_refuses_bad_arguments(model_folder, text_file, tmp_path):
         cli(base + ["--layer", "0", "--steps", "0"])
     with pytest.raises(SystemExit, match=r"layer must be in"):
         cli(base + ["--layer", "7"])
+    with pytest.raises(SystemExit, match="2"):
+        cli(base + ["--layer", "0", "--routing", "threshold"])  # no --theta
+    with pytest.raises(SystemExit, match="2"):
+        cli(base + ["--layer", "0", "--theta", "0.1"])  # --theta without threshold routing
+    with pytest.raises(SystemExit, match="2"):
+        cli(base + ["--layer", "0", "--routing", "threshold", "--theta", "nan"])
     assert cli(["sae", "fit"]) == 2
 
 

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sae = parser.add_argument_group("the autoencoder")
     sae.add_argument("--num-latents", type=int, help="latents F (default: 16 x the activation width)")
     sae.add_argument("--k", type=int, default=32, help="latents per token (TopK; the budget of the other routings)")
-    sae.add_argument("--routing", choices=ROUTINGS, default="topk")
+    sae.add_argument("--routing", choices=ROUTINGS + ("threshold",), default="topk")
+    sae.add_argument("--theta", type=float, help="with --routing threshold: the activation threshold of every latent "
+                                                   "(each token keeps the latents with pre > theta; --k is unused)")
     sae.add_argument("--dead-tokens", type=int, default=10_000_000,
                      help="a latent is dead after this many tokens without firing (AuxK revives it)")
     train = parser.add_argument_group("training")
@@ -97,7 +99,7 @@ def train(args) -> dict:
     if args.routing == "topk" and args.k > num_latents:
         raise SystemExit(f"--k ({args.k}) must be <= --num-latents ({num_latents}) for topk routing")
     sae = SparseAutoencoder(d, num_latents, args.routing, args.k, dead_tokens_threshold=args.dead_tokens,
-                            device=first.device)
+                            theta=args.theta, device=first.device)
     with torch.no_grad():
         sae.b_dec.copy_(first.mean(0))  # start the decoder bias at the data's mean: the first FVU is then ~1
     lr = args.lr or default_lr(num_latents)
@@ -149,6 +151,10 @@ def main(argv: list[str]) -> int:
     _check_positive(parser, args, "steps", "batch_tokens", "k", "num_latents", "seq_len", "batch_lines", "log_every")
     if (args.layer is None) == (args.hookpoint is None):
         parser.error("give exactly one of --layer and --hookpoint")
+    if (args.theta is None) == (args.routing == "threshold"):
+        parser.error("--theta is needed by --routing threshold, and only by it")
+    if args.theta is not None and not math.isfinite(args.theta):
+        parser.error(f"--theta must be finite, got {args.theta}")
     if not os.path.isfile(args.text):
         parser.error(f"--text {args.text!r} is not a file")
     if args.device is None:
