@@ -192,6 +192,38 @@ def test_shift_labels_and_ignore_index_follow_hf():
         model(ids, labels=labels, logits_to_keep=2)
 
 
+def lm_head_input(model, ids):
+    """The hidden states the output embedding is given (its forward input), by a forward hook."""
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    try:
+        model(ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("case", ["autocast", "bf16_model"])
+def test_half_precision_loss_is_not_rounded_to_bf16(case):
+    """HF's loss is float32 computed from upcast logits; ours is the op's fp32 accumulation, never a
+    bf16-rounded value (up to 4e-3 off): under autocast and for a model held in bf16."""
+    from fusedtrain import linear_spherical_loss
+    model = tiny_model("llama", dtype=torch.float32 if case == "autocast" else torch.bfloat16)
+    ids, labels = batch()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with amp:
+        hidden = lm_head_input(model, ids)
+    apply_spherical_loss(model)
+    with amp:
+        loss = model(ids, labels=labels).loss
+    assert loss.dtype == torch.float32
+    # The oracle: float64 over exactly the bf16 values the kernels read.
+    h64 = hidden.to(torch.bfloat16).double().reshape(-1, D)
+    w64 = model.lm_head.weight.detach().to(torch.bfloat16).double()
+    ref = linear_spherical_loss(h64, w64, shifted(labels).reshape(-1))
+    assert rel_err(loss, ref) < 1e-5
+
+
 def test_autocast_projects_in_the_autocast_dtype():
     model = tiny_model("llama", dtype=torch.float32)
     ids, labels = batch()
@@ -277,3 +309,26 @@ def test_trainer_with_frugal_and_gradient_accumulation(tmp_path):
     # Evaluation reports the spherical loss of the trained model (one batch of all 8 rows).
     expected = model.eval()(ids, labels=labels).loss.item()
     assert abs(trainer.evaluate()["eval_loss"] - expected) < 1e-5 * expected
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model():
+    """`torch.compile(model)` of a patched model trains with the same loss and gradients as eager (the
+    patched forwards may break the graph; they must not change the result), under autocast too."""
+    model = tiny_model("llama", dtype=torch.float32)
+    ids, labels = batch()
+    apply_spherical_loss(model)
+    eager = model(ids, labels=labels).loss
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    loss = compiled(ids, labels=labels).loss
+    loss.backward()
+    assert rel_err(loss, eager) < 1e-6
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, grads[name]) < 1e-5, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_loss = compiled(ids, labels=labels).loss
+        amp_eager = model(ids, labels=labels).loss
+    assert amp_loss.dtype == torch.float32 and rel_err(amp_loss, amp_eager) < 1e-3

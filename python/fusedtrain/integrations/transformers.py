@@ -39,6 +39,9 @@ from ..spherical.stats_cache import StatsCache
 
 __all__ = ["apply_spherical_loss", "remove_spherical_loss", "is_patched", "SUPPORTED_HYPERPARAMETERS"]
 
+# `linear_spherical_loss` without its autocast policy (`_core.autocast.policy`), which gives a loss the
+# input's dtype outside autocast: the op's own result, in the accumulate type (fp32 for bf16/fp16).
+_loss_in_accumulate_type = linear_spherical_loss.__wrapped__
 # Keywords of `linear_spherical_loss` that are the loss's own (the rest comes from the model and labels).
 SUPPORTED_HYPERPARAMETERS = ("a", "b", "eps", "var_eps", "ignore_index", "check_target")
 # Config attributes that apply a tanh softcap to the final logits (Gemma 2, 3, 3n, 4, ...).
@@ -274,10 +277,12 @@ def _fused_loss(head: nn.Linear, hidden: torch.Tensor, request: _LossRequest) ->
         bias = None if bias is None else bias.to(dtype)
     hyper = {k: v for k, v in settings.hyperparameters.items() if k != "ignore_index"}
     reduction = "mean" if request.num_items_in_batch is None else "sum"
+    # HF computes its loss in float32 from logits upcast first; the op's loss is its fp32 accumulation,
+    # taken before the public function's policy would round it to a bf16/fp16 model's dtype.
     with torch.autocast(device_type, enabled=False):
-        loss = linear_spherical_loss(hidden.reshape(positions, hidden.shape[-1]), weight, target.reshape(positions),
-                                     linear_bias=bias, stats=stats, kind=settings.kind,
-                                     ignore_index=request.ignore_index, reduction=reduction, **hyper)
+        loss = _loss_in_accumulate_type(hidden.reshape(positions, hidden.shape[-1]), weight,
+                                        target.reshape(positions), linear_bias=bias, stats=stats, kind=settings.kind,
+                                        ignore_index=request.ignore_index, reduction=reduction, **hyper)
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))  # HF's loss is float32
     if request.num_items_in_batch is not None:
         count = request.num_items_in_batch
