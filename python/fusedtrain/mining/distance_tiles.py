@@ -6,7 +6,8 @@ needs one loss per anchor, the classes walk the rows in chunks instead: each chu
 matrix (`distances.matrix_tile`: q·rᵀ, or torch.cdist with the compute mode PML's single call would
 use, so the entries are PML's) is reduced per row right away. Losses run each chunk under
 activation checkpointing, so backward recomputes the tile rather than keeping it: memory is one
-tile (8 MiB of fp32) plus O(B·d), as in the kernels. This is plain PyTorch (a GEMM or cdist per
+tile (8 MiB of fp32) and its intermediates plus O(B·d), as in the kernels. A matrix of one tile
+keeps its intermediates for backward instead (the same peak: a recomputation makes them too). This is plain PyTorch (a GEMM or cdist per
 tile plus elementwise ops), slower than the kernels; see docs/mining.md for the measured cost.
 
 Everything here follows PML's formulas with PML's `is_inverted` convention: for a similarity,
@@ -182,9 +183,13 @@ def ms_losses(tiles: Tiles, select, alpha: float, beta: float, base: float):
         return losses, torch.stack([keep_pos.sum(), keep_neg.sum()])
 
     needs_grad = torch.is_grad_enabled() and (tiles.q.requires_grad or tiles.r.requires_grad)
+    chunks = tiles.chunks()
+    # One chunk is the whole matrix, at most one tile's elements: keeping its few tile-sized
+    # intermediates for backward costs about as much memory as PML's matrix and saves recomputing it.
+    recompute = needs_grad and len(chunks) > 1
     losses, counts = [], torch.zeros(2, dtype=torch.long, device=tiles.labels.device)
-    for b, e in tiles.chunks():
-        if needs_grad:
+    for b, e in chunks:
+        if recompute:
             loss, count = checkpoint(chunk, tiles.q, tiles.r, b, e, use_reentrant=False)
         else:
             loss, count = chunk(tiles.q, tiles.r, b, e)
