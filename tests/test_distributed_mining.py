@@ -9,7 +9,7 @@ import fusedtrain.mining
 
 from distributed_utils import run_on_ranks
 from fusedtrain.mining import (BatchHardMiner, CrossBatchMemory, DistributedLossWrapper, MultiSimilarityLoss,
-                               MultiSimilarityMiner, PairMarginMiner)
+                               MultiSimilarityMiner, PairMarginMiner, ThresholdConsistentMarginLoss)
 
 D_IN, D = 6, 5
 # Uneven slices (an empty one on 3 ranks); labels with a class seen once (an anchor without positive).
@@ -213,6 +213,62 @@ def _check_ddp(results, world_size):
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
 
 
+def _tcm_configs():
+    """Active pairs on both sides; `wide` makes every pair active, so a self pair would count."""
+    return {"tcm": ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=0.1),
+            "tcm_wide": ThresholdConsistentMarginLoss(lambda_plus=0.7, lambda_minus=1.3, margin_plus=1.5,
+                                                      margin_minus=-1.5)}
+
+
+def _tcm_ranks(rank, world_size):
+    import fusedtrain._core.backend as backend
+    sizes, out = SIZES[world_size], {}
+    emb, labels = _batch(0, sum(sizes))
+    ref_emb, ref_labels = _batch(1, 3 * world_size)
+    kernels = backend.use_kernel
+    for build in ("kernels", "reference_build"):
+        if build == "reference_build":  # a build without the compiled kernels: dense masks and autograd
+            backend.use_kernel = lambda *args: False
+        try:
+            for name, loss in _tcm_configs().items():
+                e = _slice(emb, sizes, rank).clone().requires_grad_()
+                value = DistributedLossWrapper(loss)(e, _slice(labels, sizes, rank))
+                value.backward()
+                out[name, build] = (value.detach(), e.grad)
+            e = _slice(emb, sizes, rank).clone().requires_grad_()
+            r = ref_emb[rank * 3:rank * 3 + 3].clone().requires_grad_()
+            value = DistributedLossWrapper(_tcm_configs()["tcm"])(e, _slice(labels, sizes, rank), ref_emb=r,
+                                                                  ref_labels=ref_labels[rank * 3:rank * 3 + 3])
+            value.backward()
+            out["tcm_ref", build] = (value.detach(), e.grad, r.grad)
+        finally:
+            backend.use_kernel = kernels
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_tcm_wrapper_equals_single_process(world_size):
+    # TCM is a mean over active pairs: each rank's share is its anchors' sums over the global counts.
+    results = run_on_ranks(_tcm_ranks, world_size)
+    emb, labels = _batch(0, sum(SIZES[world_size]))
+    ref_emb, ref_labels = _batch(1, 3 * world_size)
+    for build in ("kernels", "reference_build"):
+        for name, loss in _tcm_configs().items():
+            e = emb.clone().requires_grad_()
+            single = loss(e, labels)
+            single.backward()
+            assert single.item() != 0 and e.grad.abs().sum() > 0, name
+            _check_share([r[name, build][0] for r in results], [r[name, build][1] for r in results], single, e.grad,
+                         world_size)
+        e, r = emb.clone().requires_grad_(), ref_emb.clone().requires_grad_()
+        single = _tcm_configs()["tcm"](e, labels, ref_emb=r, ref_labels=ref_labels)
+        single.backward()
+        _check_share([x["tcm_ref", build][0] for x in results], [x["tcm_ref", build][1] for x in results], single,
+                     e.grad, world_size)
+        torch.testing.assert_close(torch.cat([x["tcm_ref", build][2] for x in results]) / world_size, r.grad,
+                                   rtol=1e-10, atol=1e-12)
+
+
 def test_single_process_and_bad_arguments():
     emb, labels = _batch(0, 9)
     torch.testing.assert_close(DistributedLossWrapper(MultiSimilarityLoss(), MultiSimilarityMiner(0.1))(emb, labels),
@@ -227,6 +283,12 @@ def test_single_process_and_bad_arguments():
         DistributedLossWrapper(MultiSimilarityLoss())(emb, labels[:3])
     with pytest.raises(ValueError, match="enqueue_mask"):
         DistributedLossWrapper(MultiSimilarityLoss())(emb, labels, enqueue_mask=torch.ones(9, dtype=torch.bool))
+    tcm = ThresholdConsistentMarginLoss()
+    torch.testing.assert_close(DistributedLossWrapper(tcm)(emb, labels), tcm(emb, labels))
+    with pytest.raises(ValueError, match="miner: ThresholdConsistentMarginLoss"):
+        DistributedLossWrapper(tcm, miner=MultiSimilarityMiner())
+    with pytest.raises(ValueError, match="loss: DistributedLossWrapper splits ThresholdConsistentMarginLoss"):
+        DistributedLossWrapper(ThresholdConsistentMarginLoss(reducer=_SumReducer()))
 
 
 @pytest.mark.parametrize("make", [

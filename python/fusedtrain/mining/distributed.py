@@ -27,8 +27,10 @@ from .._core.distributed import (all_gather_rows, all_gather_sizes, group_rank, 
 from . import ops as _ops
 from . import reference as _reference
 from .checks import check_embeddings, check_labels
+from .distributed_tcm import tcm_share
 from .pml import (BatchHardMiner, CrossBatchMemory, MultiSimilarityLoss, MultiSimilarityMiner,
-                  PairMarginMiner)
+                  PairMarginMiner, ThresholdConsistentMarginLoss)
+from .reducers import is_plain_mean
 from .pml_common import COSINE
 from .stats import MsStat
 
@@ -77,9 +79,9 @@ class DistributedLossWrapper(torch.nn.Module):
     """PML's `DistributedLossWrapper`, exact: on P ranks, each with its slice of the batch, a DDP
     step takes the step of one process on the concatenated batch.
 
-    `loss`: a `MultiSimilarityLoss` or a `CrossBatchMemory`; `miner` (optional): a
-    `MultiSimilarityMiner`, `PairMarginMiner` or `BatchHardMiner`, applied to the local anchors
-    against the gathered batch. `process_group`: the data-parallel group (default: the world).
+    `loss`: a `MultiSimilarityLoss`, a `ThresholdConsistentMarginLoss` (over all pairs: no miner,
+    no `indices_tuple`) or a `CrossBatchMemory`; `miner` (optional): a `MultiSimilarityMiner`,
+    `PairMarginMiner` or `BatchHardMiner`, applied to the local anchors against the gathered batch. `process_group`: the data-parallel group (default: the world).
 
     `forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None)`
     returns this rank's loss, scaled for DDP's averaging (module docstring): its mean over the ranks
@@ -90,9 +92,17 @@ class DistributedLossWrapper(torch.nn.Module):
 
     def __init__(self, loss, miner=None, *, process_group=None):
         super().__init__()
-        if not isinstance(loss, (MultiSimilarityLoss, CrossBatchMemory)):
-            raise TypeError("loss must be a fusedtrain.mining.MultiSimilarityLoss or CrossBatchMemory (losses whose "
-                            f"mean the wrapper splits exactly over ranks), got {type(loss).__name__}")
+        if not isinstance(loss, (MultiSimilarityLoss, ThresholdConsistentMarginLoss, CrossBatchMemory)):
+            raise TypeError("loss must be a fusedtrain.mining.MultiSimilarityLoss, ThresholdConsistentMarginLoss or "
+                            "CrossBatchMemory (losses whose mean the wrapper splits exactly over ranks), got "
+                            f"{type(loss).__name__}")
+        if isinstance(loss, ThresholdConsistentMarginLoss):
+            if miner is not None:
+                raise ValueError("miner: ThresholdConsistentMarginLoss is split over ranks over all pairs; a miner's "
+                                 "pairs would change what its means are taken over")
+            if not is_plain_mean(loss.reducer) or loss.embedding_regularizer is not None:
+                raise ValueError("loss: DistributedLossWrapper splits ThresholdConsistentMarginLoss over ranks exactly "
+                                 "with the mean reducer and no embedding_regularizer")
         if miner is not None and not isinstance(miner, _MINERS):
             raise TypeError(f"miner must be None or one of {[m.__name__ for m in _MINERS]}, got {type(miner).__name__}")
         if miner is not None and isinstance(loss, CrossBatchMemory):
@@ -114,6 +124,9 @@ class DistributedLossWrapper(torch.nn.Module):
             return self._cross_batch(embeddings, labels, indices_tuple, enqueue_mask)
         if enqueue_mask is not None:
             raise ValueError("enqueue_mask is only for a CrossBatchMemory loss")
+        tcm = isinstance(self.loss, ThresholdConsistentMarginLoss)
+        if tcm and indices_tuple is not None:
+            raise ValueError("indices_tuple: ThresholdConsistentMarginLoss is split over ranks over all pairs")
         if group_size(self.process_group) == 1:
             if indices_tuple is None and self.miner is not None:
                 indices_tuple = self.miner(embeddings, labels, ref_emb, ref_labels)
@@ -129,6 +142,16 @@ class DistributedLossWrapper(torch.nn.Module):
         else:
             R, RL = self._gather_reference(embeddings, labels, ref_emb, ref_labels)
             self_index = None
+        if tcm:  # a mean over active pairs, not over anchors: shares of sums over global counts
+            offset = row_offset(sizes, group_rank(group))
+            if self_index is None:
+                parts = [(R, RL)]
+            else:  # the anchors' own rows as the batch itself (no self pair), the other ranks' rows as references
+                others = torch.cat([E[:offset], E[offset + B_r:]]), torch.cat([L[:offset], L[offset + B_r:]])
+                parts = [(None, None)] + ([others] if B > B_r else [])
+            share = tcm_share(self.loss, embeddings, labels, parts, group)
+            connected = E[:0].sum() + (R[:0].sum() if R is not E else 0)
+            return share * P + connected
         if indices_tuple is None and (self.miner is None or isinstance(self.miner, MultiSimilarityMiner)):
             miner = self.miner if self.miner is not None else self.loss.miner
             share = self._fused_sum(embeddings, labels, R, RL, self_index, miner, L)
