@@ -261,6 +261,45 @@ def _one_rank_data_write_and_placements(rank, world, seed):
     return errors, message
 
 
+def _logits_and_topk(rank, world, seed):
+    """`head(h)` / `head.logits(h)` and `head.topk(h, k)` of a Shard(0) DTensor head against the
+    single-process head: logits (a Shard(-1) DTensor) and their gradients, top-k values and classes
+    (a tie across shards included: both classes kept), and a too-large k refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    torch.manual_seed(seed)
+    n, d, D = 7, 5, 11
+    reference = fusedtrain.nn.SphericalHead(d, D, dtype=torch.float64)
+    with torch.no_grad():  # classes 0 and 10 (first and last shard) tie exactly
+        reference.weight[10] = reference.weight[0]
+        reference.bias[10] = reference.bias[0]
+    head = fusedtrain.nn.SphericalHead(d, D, dtype=torch.float64)
+    mesh = init_device_mesh("cpu", (world,))
+    head.weight = torch.nn.Parameter(distribute_tensor(reference.weight.detach().clone(), mesh, [Shard(0)]))
+    head.bias = torch.nn.Parameter(distribute_tensor(reference.bias.detach().clone(), mesh, [Shard(0)]))
+    h = torch.randn(n, d, dtype=torch.float64)
+    up = torch.randn(n, D, dtype=torch.float64)
+    h_ref, h_mine = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (reference(h_ref) * up).sum().backward()
+    logits = head(h_mine)
+    placements = tuple(logits.placements) if isinstance(logits, DTensor) else None
+    (logits.full_tensor() * up).sum().backward()
+    errors = [rel_err(logits.full_tensor(), reference.logits(h)), rel_err(h_mine.grad, h_ref.grad),
+              rel_err(head.weight.grad.full_tensor(), reference.weight.grad),
+              rel_err(head.bias.grad.full_tensor(), reference.bias.grad)]
+    tops = []
+    for k in (1, 3, D):
+        mine, want = head.topk(h, k, chunk=2), reference.topk(h, k)
+        tops.append((rel_err(mine.values, want.values), mine.indices, want.indices))
+    try:
+        head.topk(h, D + 1)
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    return errors, placements, tops, message
+
+
 def _without_weight_grad_kernel(rank, world, seed, size_sets):
     """The same checks with the weight gradient in PyTorch ops, as on a device with no compiled kernel
     (the single-process op keeps its kernel)."""
@@ -279,7 +318,8 @@ def _all_checks(rank, world, seed, size_sets):
                "loss, PyTorch weight gradient": _without_weight_grad_kernel(rank, world, seed, size_sets),
                "bytes": _bytes_all_reduced(rank, world, seed, size_sets[0]),
                "low precision": _low_precision_errors(rank, seed, size_sets[0]),
-               "data write": _one_rank_data_write_and_placements(rank, world, seed)}
+               "data write": _one_rank_data_write_and_placements(rank, world, seed),
+               "logits and topk": _logits_and_topk(rank, world, seed)}
     for fsdp in (False, True):
         for detect in (False, True):
             results[f"head fsdp={fsdp} detect_data_writes={detect}"] = _train_like_single_process(
@@ -350,3 +390,18 @@ def test_spherical_head_data_write_on_one_rank_and_bad_placement(on_ranks):
         errors, message = rank_results["data write"]
         assert max(errors) < TOL, errors
         assert "Shard(0)" in message and "Replicate" in message, message
+
+
+def test_spherical_head_logits_and_topk_with_a_sharded_weight(on_ranks):
+    from torch.distributed.tensor import Shard
+    for rank_results in on_ranks:
+        errors, placements, tops, message = rank_results["logits and topk"]
+        assert max(errors) < TOL, errors
+        assert placements == (Shard(1),), placements  # each rank its classes, as ColwiseParallel
+        for value_err, mine, want in tops:
+            assert value_err < TOL
+            # Classes 0 and 10 tie (up to rounding, which the shards' products need not share): either
+            # may take the place of the other.
+            as_sets = lambda t: [{0 if c == 10 else c for c in row} for row in t.tolist()]  # noqa: E731
+            assert as_sets(mine) == as_sets(want)
+        assert "k must be <= the number of classes 11" in message, message

@@ -117,10 +117,17 @@ class SphericalHead(LinearSphericalLoss):
                                      **self._loss_kwargs())
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
-        """`F.linear(input, weight, bias)`: the N x D logits (evaluation, export, a softmax)."""
+        """`F.linear(input, weight, bias)`: the N x D logits (evaluation, export, a softmax). With a
+        Shard(0) DTensor weight: a DTensor placed Shard(-1) (`.full_tensor()` gathers it)."""
+        if sharded_head.is_vocab_sharded(self):
+            return sharded_head.vocab_parallel_logits(self, input)
         return F.linear(input, self.weight, self.bias)
 
     def topk(self, input: torch.Tensor, k: int, *, chunk: int = 8192) -> TopK:
+        """The k largest logits per row and their classes, without forming the logits (`linear_topk`);
+        with a Shard(0) DTensor weight, over the whole vocabulary, the same on every rank."""
+        if sharded_head.is_vocab_sharded(self):
+            return sharded_head.vocab_parallel_topk(self, input, k, chunk)
         return linear_topk(input, self.weight, k, linear_bias=self.bias, chunk=chunk)
 
     def extra_repr(self) -> str:

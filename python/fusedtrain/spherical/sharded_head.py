@@ -21,11 +21,14 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from .linear import linear_spherical_stats
+from .._core.distributed import all_gather_sizes, row_offset
+from .linear import TopK, linear_spherical_stats, linear_topk
 from .vocab_parallel import vocab_parallel_linear_spherical_loss, vocab_parallel_linear_spherical_stats
 
-__all__ = ["is_sharded", "is_vocab_sharded", "cached_stats", "vocab_parallel_forward"]
+__all__ = ["is_sharded", "is_vocab_sharded", "cached_stats", "vocab_parallel_forward", "vocab_parallel_logits",
+           "vocab_parallel_topk"]
 
 
 def _loaded_class(module: str, name: str):
@@ -131,3 +134,49 @@ def vocab_parallel_forward(head, input: torch.Tensor, target: torch.Tensor) -> t
     return vocab_parallel_linear_spherical_loss(
         _replicated_local(input, "input"), head.weight.to_local(), _replicated_local(target, "target"),
         linear_bias=bias, group=head.weight.device_mesh.get_group(), stats=stats, **head._loss_kwargs())
+
+
+def vocab_parallel_logits(head, input: torch.Tensor):
+    """`F.linear(input, weight, bias)` of a head whose weight is a Shard(0) DTensor: a DTensor of
+    logits placed Shard(-1) (each rank its own classes), what torch's ColwiseParallel layers return;
+    `.full_tensor()` gathers the N x D matrix. A plain `input` is read as replicated (the same on
+    every rank), so its gradient is summed over the ranks in backward."""
+    from torch.distributed.tensor import DTensor, Replicate  # loaded: the weight is one
+    if not isinstance(input, DTensor):
+        input = DTensor.from_local(input, head.weight.device_mesh, [Replicate()], run_check=False)
+    return F.linear(input, head.weight, head.bias)
+
+
+def vocab_parallel_topk(head, input: torch.Tensor, k: int, chunk: int) -> TopK:
+    """The k best classes of the whole vocabulary per row, on every rank (replicated `input`), from a
+    Shard(0) weight without forming any rank's N x D/P logits: each rank's `linear_topk` over its
+    shard, its best `min(k, D_r)` gathered (all-gather of N x k values and indices) and merged.
+    Ties between equal logits resolve to the smaller class index (ranks hold increasing classes)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    weight, group = head.weight.to_local(), head.weight.device_mesh.get_group()
+    bias = None if head.bias is None else head.bias.to_local()
+    x = _replicated_local(input, "input")
+    sizes = all_gather_sizes(weight.shape[0], group, weight.device)
+    if k > sum(sizes):
+        raise ValueError(f"k must be <= the number of classes {sum(sizes)}, got {k}")
+    mine = min(k, weight.shape[0])
+    n = x.shape[:-1]
+    values = torch.full((*n, k), float("-inf"), dtype=x.dtype, device=x.device)
+    indices = torch.full((*n, k), -1, dtype=torch.int64, device=x.device)
+    if mine:
+        local = linear_topk(x, weight, mine, linear_bias=bias, chunk=chunk)
+        values[..., :mine] = local.values
+        indices[..., :mine] = local.indices + row_offset(sizes, dist.get_rank(group))
+    world = len(sizes)
+    gathered_values = [torch.empty_like(values) for _ in range(world)]
+    gathered_indices = [torch.empty_like(indices) for _ in range(world)]
+    dist.all_gather(gathered_values, values.contiguous(), group=group)
+    dist.all_gather(gathered_indices, indices.contiguous(), group=group)
+    # Every rank's real candidates first, in rank (= class) order, the padding last: a stable sort by
+    # value then never prefers a pad or a larger class index at a tie.
+    real = [min(k, size) for size in sizes]
+    ordered_values = torch.cat([v[..., :r] for v, r in zip(gathered_values, real)], dim=-1)
+    ordered_indices = torch.cat([i[..., :r] for i, r in zip(gathered_indices, real)], dim=-1)
+    best_values, order = torch.sort(ordered_values, dim=-1, descending=True, stable=True)
+    return TopK(best_values[..., :k], ordered_indices.gather(-1, order[..., :k]))
