@@ -161,6 +161,45 @@ def test_pml_cross_batch_memory_parity(device, dtype, miner):
 
 
 @needs_pml
+def test_convert_to_triplets_is_pmls():
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    from fusedtrain.mining.pml_common import convert_to_triplets
+    for n1, n2 in [(0, 0), (0, 5), (7, 0), (12, 9), (40, 33)]:
+        t = (torch.randint(0, 6, (n1,)), torch.randint(0, 50, (n1,)), torch.randint(0, 6, (n2,)),
+             torch.randint(0, 50, (n2,)))
+        ours, theirs = convert_to_triplets(t), lmu.convert_to_triplets(t, None)
+        assert all(torch.equal(x, y) for x, y in zip(ours, theirs)), (n1, n2)
+        assert n1 * n2 == 0 or len(ours[0]) > 0 or not set(t[0].tolist()) & set(t[2].tolist())
+
+
+@needs_pml
+def test_pml_cross_batch_memory_pairs_given_to_a_triplet_miner(device):
+    """A 4-tuple passed to a CrossBatchMemory whose miner mines triplets is converted to triplets and
+    appended, as PML does (it raised before)."""
+    d = 6
+    ours = fm.CrossBatchMemory(fm.MultiSimilarityLoss(), d, memory_size=36, miner=fm.BatchHardMiner())
+    theirs = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), d, memory_size=36,
+                                         miner=pml_miners.BatchHardMiner())
+    previous = None
+    for _ in range(3):
+        x = torch.randn(12, d, dtype=torch.float64, device=device)
+        labels = torch.randint(0, 3, (12,), device=device)
+        given = None
+        if previous is not None:  # pairs with the previous batch, as indices of its memory slots
+            a1, p, a2, n = pml_miners.PairMarginMiner(0.5, 0.2, distance=CosineSimilarity())(x, labels, *previous[:2])
+            given = a1, previous[2][p], a2, previous[2][n]
+            assert len(a1) and len(a2)
+        xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        lo, lp = ours(xo, labels, given), theirs(xp, labels, given)
+        previous = x, labels, theirs.curr_batch_idx.clone()
+        assert lp.item() != 0
+        torch.testing.assert_close(lo, lp)
+        lo.backward()
+        lp.backward()
+        torch.testing.assert_close(xo.grad, xp.grad)
+
+
+@needs_pml
 def test_pml_cross_batch_memory_enqueue_mask(device):
     d = 6
     ours = fm.CrossBatchMemory(fm.MultiSimilarityLoss(), d, memory_size=30)

@@ -30,8 +30,8 @@ from . import ops as _ops
 from . import reference as _reference
 from .checks import ms_hyperparameters, operands
 from .distances import prepared
-from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, fp32_loss, labels_to,
-                         loss_inputs, no_extra_kwargs, resolve_distance, zero_loss)
+from .pml_common import (COSINE, checked_pairs, collect_stats_flag, convert_to_pairs, convert_to_triplets, fp32_loss,
+                         labels_to, loss_inputs, no_extra_kwargs, resolve_distance, zero_loss)
 from .pml_miners import BatchHardMiner, MinedPairs, MultiSimilarityMiner, PairMarginMiner  # noqa: F401
 from .reducers import already_reduced, check_reducer, check_regularizer, element_losses, is_plain_mean, reduce
 from .stats import MsStat
@@ -386,6 +386,6 @@ class CrossBatchMemory(torch.nn.Module):
             if len(input_tuple) == 3 and len(pairs) == 4:
                 input_tuple = convert_to_pairs(input_tuple)
             elif len(input_tuple) == 4 and len(pairs) == 3:
-                raise ValueError("a 4-tuple of pairs cannot be combined with a triplet miner's output")
+                input_tuple = convert_to_triplets(input_tuple)
             pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, input_tuple))
         return pairs

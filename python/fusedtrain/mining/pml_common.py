@@ -90,6 +90,24 @@ def convert_to_pairs(indices_tuple):
     raise ValueError(f"indices_tuple must have 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {len(indices_tuple)}")
 
 
+def convert_to_triplets(indices_tuple):
+    """PML's `convert_to_triplets` of a tuple: a 3-tuple as it is; for `(a1, p, a2, n)` every
+    `(a, p, n)` whose positive pair and negative pair share the anchor, in PML's order (the positive
+    pairs in order, each with its anchor's negative pairs in order). PML builds a len(a1) x len(a2)
+    match matrix; the matches come here from a stable sort of a2 instead (O((P + N)·log N) memory-light)."""
+    if len(indices_tuple) == 3:
+        return tuple(indices_tuple)
+    a1, p, a2, n = indices_tuple
+    order = torch.argsort(a2, stable=True)  # equal anchors keep their order: PML's column order
+    sorted_a2 = a2[order]
+    first = torch.searchsorted(sorted_a2, a1, side="left")
+    counts = torch.searchsorted(sorted_a2, a1, side="right") - first
+    rows = torch.repeat_interleave(torch.arange(len(a1), device=a1.device), counts)
+    starts = torch.repeat_interleave(first - (torch.cumsum(counts, 0) - counts), counts)
+    columns = order[starts + torch.arange(len(rows), device=a1.device)]
+    return a1[rows], p[rows], n[columns]
+
+
 def checked_pairs(indices_tuple, B: int, M: int, device):
     """`(a1, p, a2, n)` as int64 on `device`: 1-D integer tensors, anchors in [0, B), the others in
     [0, M), a1/p and a2/n of one length. Out-of-range or negative indices would otherwise pick
@@ -123,4 +141,4 @@ def checked_pairs(indices_tuple, B: int, M: int, device):
 
 
 __all__ = ["fp32_mining", "fp32_loss", "COSINE", "LP", "no_extra_kwargs", "resolve_distance", "collect_stats_flag", "Recorder", "reference_set",
-           "labels_to", "loss_inputs", "zero_loss", "convert_to_pairs", "checked_pairs"]
+           "labels_to", "loss_inputs", "zero_loss", "convert_to_pairs", "convert_to_triplets", "checked_pairs"]
