@@ -395,6 +395,27 @@ def test_sparse_autoencoder_auxk_under_autocast(device):
     assert torch.isfinite(model.W_enc.grad).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("routing", ["topk", "mutual_choice"])
+def test_sparse_autoencoder_compiled_under_autocast(device, routing):
+    # torch.compile of the module (graph breaks allowed: the dead-latent count is read on the host)
+    # trains as the eager module does under autocast: same outputs, same gradients.
+    torch.manual_seed(0)
+    eager = sae.SparseAutoencoder(32, 256, routing, 8, device=device)
+    compiled_module = sae.SparseAutoencoder(32, 256, routing, 8, device=device)
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    x = torch.randn(4, 16, 32, device=device)
+    with amp(device):
+        want, got = eager(x), compiled(x)
+    want.loss.backward()
+    got.loss.backward()
+    assert got.sae_out.dtype == BF16 and got.loss.dtype == torch.float32
+    assert rel_err(got.loss, want.loss) < 1e-6 and rel_err(got.sae_out.float(), want.sae_out.float()) < 1e-2
+    for name, p in compiled_module.named_parameters():
+        assert rel_err(p.grad, dict(eager.named_parameters())[name].grad) < 1e-5, name
+
+
 def test_sae_functional_ops_under_autocast(device):
     x = torch.randn(12, 16, device=device)
     W_enc, b_enc = torch.randn(16, 48, device=device), torch.zeros(48, device=device)
