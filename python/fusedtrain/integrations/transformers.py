@@ -269,7 +269,7 @@ def _fused_loss(head: nn.Linear, hidden: torch.Tensor, request: _LossRequest) ->
                          f"matching shift_labels")
     settings = request.settings
     # Read before the cast below, under the caller's autocast: the statistics of the weight as the loss reads it.
-    stats = None if torch.compiler.is_compiling() else settings.stats.get(weight, bias)
+    stats = None if torch.compiler.is_compiling() else settings.stats.get(weight, bias, module=head)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # as F.linear under autocast: the projection in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)

@@ -27,7 +27,7 @@ from .._core.distributed import all_gather_sizes, row_offset
 from .linear import TopK, linear_spherical_stats, linear_topk
 from .vocab_parallel import vocab_parallel_linear_spherical_loss, vocab_parallel_linear_spherical_stats
 
-__all__ = ["is_sharded", "is_vocab_sharded", "cached_stats", "vocab_parallel_forward", "vocab_parallel_logits",
+__all__ = ["is_sharded", "is_vocab_sharded", "is_fsdp", "fsdp_key", "cached_stats", "vocab_parallel_forward", "vocab_parallel_logits",
            "vocab_parallel_topk"]
 
 
@@ -79,6 +79,25 @@ def _fsdp_sharded_params(head) -> dict | None:
         return None
 
 
+def is_fsdp(module) -> bool:
+    """Whether `module` is wrapped by FSDP2's fully_shard or managed by an enclosing one."""
+    return _is_fsdp(module)
+
+
+def fsdp_key(module, tensor_key, fingerprint: bool) -> tuple | None:
+    """The statistics cache key of an FSDP-managed module's `weight` and `bias` (module docstring):
+    the storage and version of FSDP's sharded parameters (which the optimizer updates), the
+    fingerprint of the gathered values. None when FSDP's sharded parameters cannot be read (a module
+    managed by an enclosing fully_shard): then nothing identifies the values, recompute every call."""
+    sharded = _fsdp_sharded_params(module)
+    names = [n for n in ("weight", "bias") if getattr(module, n, None) is not None]
+    if sharded is None or not all(n in sharded for n in names):
+        return None
+    return tuple(None if getattr(module, n, None) is None else
+                 tensor_key(_local(sharded[n]), fingerprint, version=sharded[n]._version, values=getattr(module, n))
+                 for n in ("weight", "bias"))
+
+
 def _local(t):
     with torch.no_grad():
         return t.to_local()
@@ -90,13 +109,7 @@ def cached_stats(head, tensor_key, same_key):
     of one tensor and their comparison (modules.py)."""
     fingerprint = head.detect_data_writes
     if not is_vocab_sharded(head):  # FSDP2: the weight in forward is the gathered one
-        sharded = _fsdp_sharded_params(head)
-        key = None
-        if sharded is not None and all(n in sharded for n, t in (("weight", head.weight), ("bias", head.bias))
-                                       if t is not None):
-            key = tuple(None if getattr(head, n) is None else
-                        tensor_key(_local(sharded[n]), fingerprint, version=sharded[n]._version, values=getattr(head, n))
-                        for n in ("weight", "bias"))
+        key = fsdp_key(head, tensor_key, fingerprint)
         if key is None or head._stats is None or not same_key(key, head._stats_key):
             head._stats, head._stats_key = linear_spherical_stats(head.weight, head.bias), key
         return head._stats

@@ -8,7 +8,8 @@ accumulation micro-batches and evaluation batches reuse them until the weight ch
 changes the storage) and, with `detect_data_writes`, a fingerprint of the values (float64 sum and
 norm of 4096 evenly spaced entries), which catches writes through `.data`, which move no version
 counter. Inside autocast the loss reads the weight cast to the autocast dtype: its statistics are
-those of the cast weight, kept apart from the full-precision ones.
+those of the cast weight, kept apart from the full-precision ones. Under FSDP2 the key is that of
+FSDP's sharded parameters (sharded_head.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._core import autocast
+from . import sharded_head
 from .linear import LinearStats, linear_spherical_stats
 
 __all__ = ["StatsCache", "tensor_key", "same_key"]
@@ -77,8 +79,18 @@ class StatsCache:
         self._stats: LinearStats | None = None
         self._key = self._dtype = None
 
-    def get(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearStats:
-        key = tuple(tensor_key(t, self.detect_data_writes) for t in (weight, bias))
+    def get(self, weight: torch.Tensor, bias: torch.Tensor | None, module=None) -> LinearStats:
+        """`module`: the layer that owns `weight` and `bias`; under FSDP2 the weight its forward sees is
+        gathered into a storage FSDP reuses without moving its version, so the key is that of FSDP's
+        sharded parameters (`sharded_head.fsdp_key`), and without them the statistics are computed
+        at every call."""
+        if module is not None and sharded_head.is_fsdp(module):
+            key = sharded_head.fsdp_key(module, tensor_key, self.detect_data_writes)
+            if key is None:
+                self.clear()
+                return linear_spherical_stats(weight, bias)
+        else:
+            key = tuple(tensor_key(t, self.detect_data_writes) for t in (weight, bias))
         dtype = autocast.policy_dtype(autocast.LOWER, weight.device)
         if self._stats is None or dtype != self._dtype or not same_key(key, self._key):
             self._stats = linear_spherical_stats(weight, bias)
