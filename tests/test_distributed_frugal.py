@@ -87,11 +87,13 @@ def _shard_like(full, p):
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
-def _fsdp_model(seed, world):
+def _fsdp_model(seed, world, mesh_shape=None):
+    """fully_shard over all ranks, or over a 2-D (replicate, shard) mesh: HSDP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     model = Weights(seed)
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    names = ("replicate", "shard") if mesh_shape is not None else None
+    fully_shard(model, mesh=init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=names))
     return model
 
 
@@ -99,13 +101,16 @@ def _full(model) -> dict:
     return {name: p.full_tensor() for name, p in model.named_parameters()}
 
 
-def _fsdp_runs(rank, world, seed, rng_seed):
-    """Every config under fully_shard, RNG state per rank, no seed: the full parameters after STEPS."""
+def _fsdp_runs(rank, world, seed, rng_seed, mesh_shape=None, configs=None):
+    """Every config (or those named) under fully_shard, RNG state per rank, no seed: the full
+    parameters after STEPS."""
     from torch.distributed.tensor import DTensor
     out = {}
     grads = gradients(seed, STEPS)
     for name, config in CONFIGS.items():
-        model = _fsdp_model(seed, world)
+        if configs is not None and name not in configs:
+            continue
+        model = _fsdp_model(seed, world, mesh_shape)
         torch.manual_seed(rng_seed + rank)  # rank 0's state is the oracle's; the others differ
         opt = FRUGAL(model.parameters(), **{**BASE, **config})
         step_all(model, opt, grads, _shard_like)
@@ -194,12 +199,13 @@ def _compare(got: dict, want: dict, name: str) -> None:
             assert err <= LOW_RANK_TOL, f"{name}: param {key} off by {err:.3g} (relative)"
 
 
-def _check_fsdp(results: list, seed: int, rng_seed: int) -> None:
+def _check_fsdp(results: list, seed: int, rng_seed: int, configs=None) -> None:
     grads = gradients(seed, STEPS)
     for rank_out in results:
         for name, config in CONFIGS.items():
-            _compare(rank_out[name], single_process(seed, config, grads, rng_seed), name)
-        assert rank_out["columns_placed"] and rank_out["block_placed"] and rank_out["svd_placed"]
+            if configs is None or name in configs:
+                _compare(rank_out[name], single_process(seed, config, grads, rng_seed), name)
+        assert all(rank_out[f"{name}_placed"] for name in ("columns", "block", "svd") if f"{name}_placed" in rank_out)
 
 
 def _resume_one_process(saved_load, seed, rng_seed) -> dict:
@@ -278,3 +284,11 @@ def test_shared_seed_without_a_group_is_the_global_draw():
     expected = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     torch.set_rng_state(state)
     assert shared_seed() == expected
+
+
+def test_four_ranks_hsdp_replicate_by_shard_mesh():
+    # HSDP: fully_shard over a 2 x 2 (replicate, shard) mesh, parameters placed (Replicate(), Shard(0)):
+    # each replica steps its shards as one process steps the whole tensor.
+    seed, rng_seed = (int(x) for x in torch.randint(0, 2**31, (2,)))
+    configs = ("columns", "rows", "block", "svd")
+    _check_fsdp(run_on_ranks(_fsdp_runs, 4, seed, rng_seed, (2, 2), configs), seed, rng_seed, configs)
