@@ -120,6 +120,62 @@ def test_latent_sharded_equals_single_process(world_size):
         assert torch.equal(r["replicas"], sae.num_tokens_since_fired)
 
 
+def _hybrid(rank, world_size):
+    """2 x 2: latents sharded over ranks {0, 1} and {2, 3}, the two latent groups data-parallel
+    replicas ({0, 2}, {1, 3}), each replica its own half of the batch."""
+    import torch.distributed as dist
+    latent_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    replica_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    replica = rank // 2
+    x = torch.randn(4, B, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = {}
+    for routing in ("topk", "mutual_choice"):
+        sae = SparseAutoencoder(D, F, routing, K, process_group=latent_groups[replica],
+                                data_parallel_group=replica_groups[rank % 2], **KW)
+        sae.load_full_state_dict(_state(routing))
+        steps = []
+        for step in range(2):
+            xr = x[2 * step + replica].clone().requires_grad_()
+            result = sae(xr)
+            result.loss.backward()
+            steps.append((result.sae_out.detach(), xr.grad))
+        out[routing] = (steps, sae.full_state_dict())
+    return out
+
+
+def test_latents_sharded_and_replicated_on_a_2_by_2_grid():
+    results = run_on_ranks(_hybrid, 4)
+    x = torch.randn(4, B, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    close = dict(rtol=1e-12, atol=1e-13)
+    for routing in ("topk", "mutual_choice"):
+        replicas = []  # each replica's batches through a single-process SAE of its own
+        for replica in range(2):
+            sae = SparseAutoencoder(D, F, routing, K, **KW)
+            sae.load_state_dict(_state(routing))
+            steps = []
+            for step in range(2):
+                xr = x[2 * step + replica].clone().requires_grad_()
+                result = sae(xr)
+                result.loss.backward()
+                steps.append((result.sae_out.detach(), xr.grad))
+            replicas.append((steps, sae))
+        whole = SparseAutoencoder(D, F, routing, K, **KW)  # one set of counters for both replicas' tokens
+        whole.load_state_dict(_state(routing))
+        with torch.no_grad():
+            for step in range(2):
+                whole(torch.cat([x[2 * step], x[2 * step + 1]]))
+        for rank, (steps, state) in enumerate(r[routing] for r in results):
+            want_steps, single = replicas[rank // 2]
+            for (got_out, got_grad), (want_out, want_grad) in zip(steps, want_steps):
+                torch.testing.assert_close(got_out, want_out, **close)
+                torch.testing.assert_close(got_grad, want_grad, **close)
+            assert torch.equal(state["num_tokens_since_fired"], whole.num_tokens_since_fired)
+            if routing == "mutual_choice":  # the replicas' mean of their cutoffs, step by step
+                mean = (replicas[0][1].threshold + replicas[1][1].threshold) / 2
+                assert replicas[0][1].threshold.abs().sum() > 0
+                torch.testing.assert_close(state["threshold"], mean, **close)
+
+
 def test_single_process_group_of_one_and_errors():
     sae = SparseAutoencoder(D, F, "mutual_choice", K, process_group=None, **KW)
     assert type(sae) is SparseAutoencoder
