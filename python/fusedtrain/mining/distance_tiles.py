@@ -7,8 +7,9 @@ matrix (`distances.matrix_tile`: q·rᵀ, or torch.cdist with the compute mode P
 use, so the entries are PML's) is reduced per row right away. Losses run each chunk under
 activation checkpointing, so backward recomputes the tile rather than keeping it: memory is one
 tile (8 MiB of fp32) and its intermediates plus O(B·d), as in the kernels. A matrix of one tile
-keeps its intermediates for backward instead (the same peak: a recomputation makes them too). This is plain PyTorch (a GEMM or cdist per
-tile plus elementwise ops), slower than the kernels; see docs/mining.md for the measured cost.
+keeps its intermediates for backward instead (the same peak: a recomputation makes them too).
+This is plain PyTorch (a GEMM or cdist per tile plus elementwise ops), slower than the kernels; see
+docs/mining.md for the measured cost.
 
 Everything here follows PML's formulas with PML's `is_inverted` convention: for a similarity,
 larger = more similar; for a distance, smaller.

@@ -81,7 +81,8 @@ class DistributedLossWrapper(torch.nn.Module):
 
     `loss`: a `MultiSimilarityLoss`, a `ThresholdConsistentMarginLoss` (over all pairs: no miner,
     no `indices_tuple`) or a `CrossBatchMemory`; `miner` (optional): a `MultiSimilarityMiner`,
-    `PairMarginMiner` or `BatchHardMiner`, applied to the local anchors against the gathered batch. `process_group`: the data-parallel group (default: the world).
+    `PairMarginMiner` or `BatchHardMiner`, applied to the local anchors against the gathered batch.
+    `process_group`: the data-parallel group (default: the world).
 
     `forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None)`
     returns this rank's loss, scaled for DDP's averaging (module docstring): its mean over the ranks

@@ -27,8 +27,8 @@ from .._core.distributed import all_gather_sizes, row_offset
 from .linear import TopK, linear_spherical_stats, linear_topk
 from .vocab_parallel import vocab_parallel_linear_spherical_loss, vocab_parallel_linear_spherical_stats
 
-__all__ = ["is_sharded", "is_vocab_sharded", "is_fsdp", "fsdp_key", "cached_stats", "vocab_parallel_forward", "vocab_parallel_logits",
-           "vocab_parallel_topk"]
+__all__ = ["is_sharded", "is_vocab_sharded", "is_fsdp", "fsdp_key", "cached_stats", "vocab_parallel_forward",
+           "vocab_parallel_logits", "vocab_parallel_topk"]
 
 
 def _loaded_class(module: str, name: str):
