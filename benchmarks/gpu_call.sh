@@ -16,7 +16,10 @@ PART=${1:?usage: gpu_call.sh 1|2|3|make_peers}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 if [ "$PART" = make_peers ]; then  # the peers' wheels travel in .peers/ (git-ignored): ../shared does not
-  mkdir -p .peers && cp ../shared/wheels/*.whl .peers/ && ls .peers
+  mkdir -p .peers/build && cp ../shared/wheels/*.whl .peers/ &&
+    # a setuptools new enough for the build, used there only if the machine's is older (gpu_suite.sh)
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .peers/build "setuptools>=77,<81" &&
+    ls -R .peers
   exit
 fi
 case $PART in

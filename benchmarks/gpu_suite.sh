@@ -63,6 +63,14 @@ if [ -n "$PEERS" ] && ls "$PEERS"/*.whl >/dev/null 2>&1; then
     >"$OUT_DIR/peers.log" 2>&1 && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# The build needs setuptools >= 77 (pyproject's SPDX license): a machine with an older one takes the
+# wheel from PEER_WHEEL_DIR/build/ when given (gpu_call.sh make_peers puts one there).
+if ! $PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null &&
+   [ -n "$PEERS" ] && ls "$PEERS"/build/setuptools-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedtrain-build-tools \
+    "$PEERS"/build/setuptools-*.whl && export PYTHONPATH="/tmp/fusedtrain-build-tools${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FUSEDTRAIN_FORCE_CUDA=1
 built() { $PY -c "import fusedtrain._C, torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 if wanted build || ! built; then
