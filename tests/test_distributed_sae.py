@@ -120,6 +120,18 @@ def test_latent_sharded_equals_single_process(world_size):
         assert torch.equal(r["replicas"], sae.num_tokens_since_fired)
 
 
+def _replica_steps(sae, x, replica: int) -> list:
+    """Two training steps of `replica` on its batches x[0 + replica], x[2 + replica]: each step's
+    output and input gradient."""
+    steps = []
+    for step in range(2):
+        xr = x[2 * step + replica].clone().requires_grad_()
+        result = sae(xr)
+        result.loss.backward()
+        steps.append((result.sae_out.detach(), xr.grad))
+    return steps
+
+
 def _hybrid(rank, world_size):
     """2 x 2: latents sharded over ranks {0, 1} and {2, 3}, the two latent groups data-parallel
     replicas ({0, 2}, {1, 3}), each replica its own half of the batch."""
@@ -133,13 +145,7 @@ def _hybrid(rank, world_size):
         sae = SparseAutoencoder(D, F, routing, K, process_group=latent_groups[replica],
                                 data_parallel_group=replica_groups[rank % 2], **KW)
         sae.load_full_state_dict(_state(routing))
-        steps = []
-        for step in range(2):
-            xr = x[2 * step + replica].clone().requires_grad_()
-            result = sae(xr)
-            result.loss.backward()
-            steps.append((result.sae_out.detach(), xr.grad))
-        out[routing] = (steps, sae.full_state_dict())
+        out[routing] = (_replica_steps(sae, x, replica), sae.full_state_dict())
     return out
 
 
@@ -152,13 +158,7 @@ def test_latents_sharded_and_replicated_on_a_2_by_2_grid():
         for replica in range(2):
             sae = SparseAutoencoder(D, F, routing, K, **KW)
             sae.load_state_dict(_state(routing))
-            steps = []
-            for step in range(2):
-                xr = x[2 * step + replica].clone().requires_grad_()
-                result = sae(xr)
-                result.loss.backward()
-                steps.append((result.sae_out.detach(), xr.grad))
-            replicas.append((steps, sae))
+            replicas.append((_replica_steps(sae, x, replica), sae))
         whole = SparseAutoencoder(D, F, routing, K, **KW)  # one set of counters for both replicas' tokens
         whole.load_state_dict(_state(routing))
         with torch.no_grad():
