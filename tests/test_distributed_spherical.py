@@ -167,9 +167,9 @@ def _train_like_single_process(rank, world, seed, fsdp: bool, detect_data_writes
         rows = slice(rank * n, (rank + 1) * n) if fsdp else slice(None)
         h_mine = h[rows].clone().requires_grad_()
         head(h_mine, t[rows])  # a first micro-batch: computes the statistics
-        first = head._stats
+        first = head.stats()
         loss = head(h_mine, t[rows])
-        reused.append(head._stats is first)
+        reused.append(head.stats() is first)
         recomputed.append(first is not previous)
         previous = first
         loss.backward()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._core import autocast
 from . import sharded_head
 from .checks import DEFAULT_A, DEFAULT_B, DEFAULT_EPS, DEFAULT_VAR_EPS, check_hyperparameters
 from .linear import LinearStats, TopK, linear_spherical_loss, linear_topk
@@ -85,17 +84,18 @@ class SphericalHead(LinearSphericalLoss):
         self.weight = layer.weight  # nn.Linear's initialization
         self.bias = layer.bias
         self.in_features, self.num_classes = in_features, num_classes
-        # The unsharded weight's statistics; a sharded head keeps its own (sharded_head.py).
+        # The whole weight's statistics (also under FSDP2, keyed on its sharded parameters); a
+        # vocab-parallel DTensor weight keeps its own in `_stats` (sharded_head.py).
         self._cache = StatsCache()
         self._stats: LinearStats | None = None
         self._stats_key = None
 
     def stats(self) -> LinearStats:
         """The cached (gram, colsum), recomputed when the weight or bias changed."""
-        if sharded_head.is_sharded(self):  # FSDP2 or a vocab-parallel DTensor weight
+        if sharded_head.is_vocab_sharded(self):
             return sharded_head.cached_stats(self, tensor_key, same_key)
         self._cache.detect_data_writes = self.detect_data_writes
-        return self._cache.get(self.weight, self.bias)
+        return self._cache.get(self.weight, self.bias, module=self)
 
     def invalidate_stats(self) -> None:
         """Drop the cached statistics: the next call recomputes them."""
@@ -108,11 +108,8 @@ class SphericalHead(LinearSphericalLoss):
             return self.logits(input)
         if sharded_head.is_vocab_sharded(self):  # a DTensor weight placed Shard(0): vocab parallel
             return sharded_head.vocab_parallel_forward(self, input, target)
-        # The sharded heads' cache keeps the full-precision statistics: inside autocast they let the op
-        # compute those of the cast weight.
-        amp_sharded = (sharded_head.is_sharded(self)
-                       and autocast.policy_dtype(autocast.LOWER, self.weight.device) is not None)
-        stats = None if torch.compiler.is_compiling() or amp_sharded else self.stats()
+        # (Under autocast the cache holds the statistics of the cast weight, FSDP2's gathered one included.)
+        stats = None if torch.compiler.is_compiling() else self.stats()
         return linear_spherical_loss(input, self.weight, target, linear_bias=self.bias, stats=stats,
                                      **self._loss_kwargs())
 

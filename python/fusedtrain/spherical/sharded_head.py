@@ -12,8 +12,9 @@ Both need the statistics cache keyed on what really identifies the weight's valu
 - FSDP2: the weight seen in forward is gathered into a storage that FSDP reallocates at will and
   whose version it never moves (a stale key could match after an optimizer step). The key takes the
   storage and version of FSDP's sharded parameter (which the optimizer updates) and the fingerprint
-  of the gathered values. A head managed by an enclosing `fully_shard` (not itself wrapped) has no
-  sharded parameter of its own to read: its statistics are recomputed at every call.
+  of the gathered values (`fsdp_key`, which stats_cache.StatsCache uses for any FSDP2-managed layer).
+  A head managed by an enclosing `fully_shard` (not itself wrapped) has no sharded parameter of its
+  own to read: its statistics are recomputed at every call.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .._core.distributed import all_gather_sizes, row_offset
-from .linear import TopK, linear_spherical_stats, linear_topk
+from .linear import TopK, linear_topk
 from .vocab_parallel import vocab_parallel_linear_spherical_loss, vocab_parallel_linear_spherical_stats
 
-__all__ = ["is_sharded", "is_vocab_sharded", "is_fsdp", "fsdp_key", "cached_stats", "vocab_parallel_forward",
+__all__ = ["is_vocab_sharded", "is_fsdp", "fsdp_key", "cached_stats", "vocab_parallel_forward",
            "vocab_parallel_logits", "vocab_parallel_topk"]
 
 
@@ -37,7 +38,8 @@ def _loaded_class(module: str, name: str):
     return getattr(sys.modules.get(module), name, None)
 
 
-def _is_fsdp(head) -> bool:
+def is_fsdp(head) -> bool:
+    """Whether `head` is wrapped by FSDP2's fully_shard or managed by an enclosing one."""
     fsdp_module = _loaded_class("torch.distributed.fsdp", "FSDPModule")
     return fsdp_module is not None and (isinstance(head, fsdp_module) or getattr(head, "_is_fsdp_managed_module", False))
 
@@ -46,7 +48,7 @@ def is_vocab_sharded(head) -> bool:
     """Whether the head's weight is a DTensor to run vocab parallel (not FSDP's own sharded
     parameter, which its forward replaces by the gathered weight)."""
     dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
-    if dtensor is None or not isinstance(head.weight, dtensor) or _is_fsdp(head):
+    if dtensor is None or not isinstance(head.weight, dtensor) or is_fsdp(head):
         return False
     from torch.distributed.tensor import DTensor, Shard  # loaded: the weight is one
     weight, bias = head.weight, head.bias
@@ -64,11 +66,6 @@ def is_vocab_sharded(head) -> bool:
     return True
 
 
-def is_sharded(head) -> bool:
-    """Whether the head's statistics are cached here (FSDP2 or a vocab-parallel DTensor weight)."""
-    return _is_fsdp(head) or is_vocab_sharded(head)
-
-
 def _fsdp_sharded_params(head) -> dict | None:
     """FSDP2's sharded parameters of this head by name, or None when they cannot be found (a head
     managed by an enclosing fully_shard, or FSDP internals of another torch version)."""
@@ -77,11 +74,6 @@ def _fsdp_sharded_params(head) -> dict | None:
         return {p._module_info.param_name: p.sharded_param for p in params if p._module_info.module is head}
     except AttributeError:
         return None
-
-
-def is_fsdp(module) -> bool:
-    """Whether `module` is wrapped by FSDP2's fully_shard or managed by an enclosing one."""
-    return _is_fsdp(module)
 
 
 def fsdp_key(module, tensor_key, fingerprint: bool) -> tuple | None:
@@ -104,15 +96,10 @@ def _local(t):
 
 
 def cached_stats(head, tensor_key, same_key):
-    """The head's statistics (LinearStats under FSDP2, VocabParallelStats for a DTensor weight),
-    recomputed when its weight or bias changed. `tensor_key` / `same_key`: SphericalHead's cache key
-    of one tensor and their comparison (modules.py)."""
+    """The statistics (VocabParallelStats) of a head whose weight is a Shard(0) DTensor, recomputed
+    when its weight or bias changed. `tensor_key` / `same_key`: the cache key of one tensor and their
+    comparison (stats_cache.py, which keys an FSDP2 head itself, with `fsdp_key`)."""
     fingerprint = head.detect_data_writes
-    if not is_vocab_sharded(head):  # FSDP2: the weight in forward is the gathered one
-        key = fsdp_key(head, tensor_key, fingerprint)
-        if key is None or head._stats is None or not same_key(key, head._stats_key):
-            head._stats, head._stats_key = linear_spherical_stats(head.weight, head.bias), key
-        return head._stats
     tensors = (head.weight, head.bias)
     key = tuple(None if t is None else tensor_key(_local(t), fingerprint, version=t._version) for t in tensors)
     stale = head._stats is None or not same_key(key, head._stats_key)
