@@ -30,8 +30,8 @@ from .checks import check_embeddings, check_labels
 from .distributed_tcm import tcm_share
 from .pml import (BatchHardMiner, CrossBatchMemory, MultiSimilarityLoss, MultiSimilarityMiner,
                   PairMarginMiner, ThresholdConsistentMarginLoss)
-from .reducers import is_plain_mean
 from .pml_common import COSINE
+from .reducers import is_plain_mean
 from .stats import MsStat
 
 _MINERS = (MultiSimilarityMiner, PairMarginMiner, BatchHardMiner)
@@ -137,31 +137,29 @@ class DistributedLossWrapper(torch.nn.Module):
         B = sum(sizes)
         E = all_gather_rows(embeddings, group, sizes)
         L = _gather_labels(labels, group, sizes)
+        offset = row_offset(sizes, group_rank(group))  # this rank's first row in the gathered batch
         if ref_emb is None or ref_emb is embeddings:
             R, RL = E, L
-            self_index = row_offset(sizes, group_rank(group)) + torch.arange(B_r, device=embeddings.device)
+            self_index = offset + torch.arange(B_r, device=embeddings.device)
         else:
             R, RL = self._gather_reference(embeddings, labels, ref_emb, ref_labels)
             self_index = None
         if tcm:  # a mean over active pairs, not over anchors: shares of sums over global counts
-            offset = row_offset(sizes, group_rank(group))
             if self_index is None:
                 parts = [(R, RL)]
             else:  # the anchors' own rows as the batch itself (no self pair), the other ranks' rows as references
                 others = torch.cat([E[:offset], E[offset + B_r:]]), torch.cat([L[:offset], L[offset + B_r:]])
                 parts = [(None, None)] + ([others] if B > B_r else [])
-            share = tcm_share(self.loss, embeddings, labels, parts, group)
-            connected = E[:0].sum() + (R[:0].sum() if R is not E else 0)
-            return share * P + connected
-        if indices_tuple is None and (self.miner is None or isinstance(self.miner, MultiSimilarityMiner)):
+            scaled = tcm_share(self.loss, embeddings, labels, parts, group) * P
+        elif indices_tuple is None and (self.miner is None or isinstance(self.miner, MultiSimilarityMiner)):
             miner = self.miner if self.miner is not None else self.loss.miner
-            share = self._fused_sum(embeddings, labels, R, RL, self_index, miner, L)
+            scaled = self._fused_sum(embeddings, labels, R, RL, self_index, miner, L) * (P / max(B, 1))
         else:
-            share = self._pairs_sum(embeddings, labels, R, RL, self_index, indices_tuple)
+            scaled = self._pairs_sum(embeddings, labels, R, RL, self_index, indices_tuple) * (P / max(B, 1))
         # An empty slice of the gathered rows keeps their gather (and its backward collective) in
         # every rank's graph, even where the loss is the constant 0.
         connected = E[:0].sum() + (R[:0].sum() if R is not E else 0)
-        return share * (P / max(B, 1)) + connected
+        return scaled + connected
 
     def _gather_reference(self, embeddings, labels, ref_emb, ref_labels):
         check_embeddings("ref_emb", ref_emb)

@@ -64,9 +64,10 @@ class _KernelShare(torch.autograd.Function):
         parts = list(zip(flat[0::2], flat[1::2]))
         stats = [torch.ops.fusedtrain.tcm_loss(embeddings, labels, ref, ref_labels, *hyper)[1]
                  for ref, ref_labels in parts]
-        local = torch.stack([s.sum(0) for s in stats]).sum(0)  # SUM_POS, NUM_POS, SUM_NEG, NUM_NEG
+        per_part = torch.stack([s.sum(0) for s in stats])  # SUM_POS, NUM_POS, SUM_NEG, NUM_NEG per call
+        local = per_part.sum(0)
         total = sum_partials(local[_COUNTS].clone(), group)
-        ctx.hyper, ctx.total = hyper, total
+        ctx.hyper, ctx.counts = hyper, (per_part[:, _COUNTS], total)
         ctx.save_for_backward(embeddings, labels, *flat, *stats)
         ctx.n_parts = len(parts)
         value = _share(local[[TcmStat.SUM_POS, TcmStat.SUM_NEG]], total, hyper[:2])
@@ -78,11 +79,12 @@ class _KernelShare(torch.autograd.Function):
         n = ctx.n_parts
         flat, stats = rest[:2 * n], rest[2 * n:]
         lambda_plus, lambda_minus, margin_plus, margin_minus = ctx.hyper
-        total = ctx.total.tolist()  # the backward op takes its λ as numbers: one host read per step
+        # The backward op takes its λ as numbers: one host read of the counts per step.
+        part_counts, total = (t.tolist() for t in ctx.counts)
         grad_emb, grad_flat = None, [None] * (2 * n)
         for i in range(n):
             ref, ref_labels = flat[2 * i], flat[2 * i + 1]
-            own = stats[i].sum(0)[_COUNTS].tolist()
+            own = part_counts[i]
             scaled = [lam * (c / t if t > 0 else 0.0) for lam, c, t in zip((lambda_plus, lambda_minus), own, total)]
             need_ref = ref is not None and ctx.needs_input_grad[4 + 2 * i]
             gx, gr = torch.ops.fusedtrain._tcm_loss_backward(grad, embeddings, labels, ref, ref_labels, stats[i],
