@@ -20,6 +20,7 @@ from fusedtrain.reference import linear_spherical as ref_linear
 from fusedtrain.reference import mining as ref_mining
 from fusedtrain.reference import spherical as ref_spherical
 
+from mining_helpers import pairs
 from utils import rel_err
 
 BF16 = torch.bfloat16
@@ -246,8 +247,7 @@ def test_mining_losses_compute_in_fp32(device):
     assert torch.equal(inside, mining.multi_similarity_loss(emb, labels))
     for a, b in zip(pairs_inside, mining.batch_hard_mine(emb, labels)):
         assert torch.equal(a, b)
-    as_sets = lambda m: ({*zip(m[0].tolist(), m[1].tolist())}, {*zip(m[2].tolist(), m[3].tolist())})  # noqa: E731
-    assert as_sets(mined_inside) == as_sets(mining.multi_similarity_mine(emb, labels))
+    assert _same_pairs(mined_inside, mining.multi_similarity_mine(emb, labels))
 
 
 _MIXED_CASES = {  # name -> fn(embeddings, labels, ref_emb, ref_labels): a loss or an index tuple
@@ -272,9 +272,12 @@ _MIXED_CASES = {  # name -> fn(embeddings, labels, ref_emb, ref_labels): a loss 
 
 
 def _same_pairs(a, b) -> bool:
-    """Index tuples as sets of (anchor, other) pairs (their order is unspecified)."""
-    sets = lambda t: [set(zip(t[i].tolist(), t[i + 1].tolist())) for i in range(0, len(t) - 1, 2)]  # noqa: E731
-    return len(a) == len(b) and (sets(a) == sets(b) if len(a) == 4 else all(torch.equal(x, y) for x, y in zip(a, b)))
+    """Pair tuples as sets of (anchor, other) pairs (their order is unspecified); triplets as they are."""
+    if len(a) != len(b):
+        return False
+    if len(a) == 4:
+        return pairs(a[0], a[1]) == pairs(b[0], b[1]) and pairs(a[2], a[3]) == pairs(b[2], b[3])
+    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("case", list(_MIXED_CASES))
